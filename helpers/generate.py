@@ -1,0 +1,112 @@
+"""Text generation (Parts 06 and 07): greedy decoding, temperature, top-k and top-p sampling, KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from helpers.model import GPTModel
+
+__all__ = ["generate", "sample_next_token", "text_to_token_ids", "token_ids_to_text"]
+
+
+def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
+    """Encode ``text`` into a ``(1, n_tokens)`` tensor (``<|endoftext|>`` allowed)."""
+    try:
+        ids = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    except TypeError:  # a tokenizer without special-token options
+        ids = tokenizer.encode(text)
+    return torch.tensor(ids, dtype=torch.long).unsqueeze(0)
+
+
+def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
+    """Decode a ``(1, n_tokens)`` or ``(n_tokens,)`` tensor of ids back into text."""
+    if token_ids.dim() == 2:
+        if token_ids.shape[0] != 1:
+            raise ValueError(f"expected one sequence, got a batch of {token_ids.shape[0]}; decode them one by one")
+        token_ids = token_ids[0]
+    return tokenizer.decode(token_ids.tolist())
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row of ``logits`` ``(batch, vocab)``; return ids ``(batch, 1)``.
+
+    Temperature 0 is greedy (argmax). Otherwise logits are divided by the temperature, cut to the
+    ``top_k`` largest and then to the smallest set whose probability reaches ``top_p``, and sampled.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Extend ``idx`` ``(batch, n_tokens)`` by up to ``max_new_tokens``; return the whole sequences.
+
+    The model sees at most ``context_size`` tokens (default: its ``cfg.context_length``); longer
+    contexts are cropped to the most recent tokens. Generation stops early once every sequence has
+    produced ``eos_id``; sequences that finished earlier are padded with ``eos_id``.
+
+    With ``use_cache`` (``GPTModel`` only) the prompt is run once and every later step feeds only
+    the new token, reusing cached keys and values; the tokens are the same as without the cache.
+    When the context outgrows ``context_size`` the cache is rebuilt from the cropped window, since
+    absolute position embeddings shift with the window.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be (batch, n_tokens) with at least one token, got shape {tuple(idx.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    model_context = getattr(getattr(model, "cfg", None), "context_length", None)
+    if context_size is None:
+        if model_context is None:
+            raise ValueError("pass context_size: the model has no cfg.context_length to take it from")
+        context_size = model_context
+    elif model_context is not None and context_size > model_context:
+        raise ValueError(f"context_size ({context_size}) exceeds the model's context_length ({model_context})")
+    use_cache = use_cache and isinstance(model, GPTModel)
+
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    cache, logits = None, None
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits = model(idx[:, -context_size:])[:, -1, :]
+        elif cache is None or cache.length >= context_size:  # (re)fill the cache from the window
+            cache = model.new_kv_cache()
+            logits = model(idx[:, -context_size:], cache)[:, -1, :]
+        else:
+            logits = model(idx[:, -1:], cache)[:, -1, :]
+        next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            next_token = next_token.masked_fill(finished[:, None], eos_id)
+            finished |= next_token[:, 0] == eos_id
+        idx = torch.cat([idx, next_token], dim=1)
+        if eos_id is not None and bool(finished.all()):
+            break
+    return idx

@@ -1,0 +1,200 @@
+"""The GPT-2 architecture of Part 06: configuration, transformer block, GPTModel, KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from helpers.attention import LayerKVCache, MultiHeadAttention
+
+__all__ = ["GPT_CONFIGS", "FeedForward", "GPTConfig", "GPTModel", "KVCache", "TransformerBlock", "count_parameters"]
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The sizes of a GPT model. Invalid combinations are refused when the config is built."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    tie_weights: bool = False  # share the token-embedding matrix with the output head, as GPT-2 does
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads != 0:
+            raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}): "
+                             "each head gets emb_dim / n_heads dimensions")
+        if not 0.0 <= float(self.drop_rate) < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+
+    @property
+    def head_dim(self) -> int:
+        """Dimensions per attention head."""
+        return self.emb_dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        """The fields as a plain dict (for JSON and checkpoints)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> GPTConfig:
+        """Build a config from a dict, naming any key it does not know."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {sorted(unknown)}; the known keys are {sorted(known)}")
+        return cls(**values)
+
+
+GPT_CONFIGS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),  # 124M
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),  # 355M
+    "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),  # 774M
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
+}
+"""OpenAI's four GPT-2 sizes (context 1024, vocabulary 50,257), untied and without qkv bias."""
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: expand to 4 x emb_dim, tanh-approximated GELU, project back."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: attention and feed-forward, each inside a shortcut connection."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.att = MultiHeadAttention(cfg.emb_dim, cfg.emb_dim, cfg.context_length, cfg.drop_rate,
+                                      cfg.n_heads, qkv_bias=cfg.qkv_bias)
+        self.ff = FeedForward(cfg)
+        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        shortcut = x
+        x = self.att(self.norm1(x), cache)
+        x = self.drop_shortcut(x)
+        x = x + shortcut
+
+        shortcut = x
+        x = self.ff(self.norm2(x))
+        x = self.drop_shortcut(x)
+        x = x + shortcut
+        return x
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens a model has seen; see ``GPTModel.forward``."""
+
+    def __init__(self, n_layers: int, max_length: int):
+        self.layers = [LayerKVCache(max_length) for _ in range(n_layers)]
+        self.max_length = max_length
+
+    @property
+    def length(self) -> int:
+        """How many positions are cached (the position of the next token)."""
+        return self.layers[0].length
+
+
+class GPTModel(nn.Module):
+    """GPT-2: token + position embeddings, ``n_layers`` transformer blocks, final LayerNorm, output head.
+
+    ``cfg`` is a ``GPTConfig`` (or a dict of its fields). Weights start as GPT-2 initialises them:
+    normal with std 0.02, the projections into the residual stream scaled by 1/sqrt(2 * n_layers).
+    """
+
+    def __init__(self, cfg: GPTConfig | Mapping):
+        super().__init__()
+        if isinstance(cfg, Mapping):
+            cfg = GPTConfig.from_dict(cfg)
+        elif not isinstance(cfg, GPTConfig):
+            raise TypeError(f"GPTModel expects a GPTConfig or a dict of its fields, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every weight as GPT-2 does."""
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith(("att.out_proj", "ff.layers.2")) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if self.cfg.tie_weights:  # the shared matrix keeps its embedding initialisation
+            self.out_head.weight = self.tok_emb.weight
+
+    def new_kv_cache(self) -> KVCache:
+        """An empty cache for incremental decoding with this model."""
+        return KVCache(self.cfg.n_layers, self.cfg.context_length)
+
+    def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None, *,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Return the logits ``(batch, n_tokens, vocab_size)`` for token ids ``(batch, n_tokens)``.
+
+        With ``kv_cache``, ``in_idx`` holds only the new tokens: they take the positions after
+        those already cached, attend to the cached keys and values, and are added to the cache.
+        With ``return_hidden=True`` the final normalised hidden states ``(batch, n_tokens, emb_dim)``
+        are returned instead of logits (for a loss that applies the output head itself).
+        """
+        if in_idx.dim() != 2:
+            raise ValueError(f"in_idx must be (batch, n_tokens) token ids, got shape {tuple(in_idx.shape)}")
+        _, n_tokens = in_idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + n_tokens > self.cfg.context_length:
+            raise ValueError(
+                f"the input has {start + n_tokens} tokens ({start} cached + {n_tokens} new) but the model's "
+                f"context_length is {self.cfg.context_length}; crop it to the last {self.cfg.context_length} tokens"
+            )
+        positions = torch.arange(start, start + n_tokens, device=in_idx.device)
+        x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (batch, n_tokens, emb_dim)
+        x = self.drop_emb(x)
+        for index, block in enumerate(self.blocks):
+            x = block(x, kv_cache.layers[index] if kv_cache is not None else None)
+        x = self.final_norm(x)
+        if return_hidden:
+            return x
+        return self.out_head(x)  # (batch, n_tokens, vocab_size)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (a tied matrix counts once)."""
+    return sum(parameter.numel() for parameter in model.parameters())
