@@ -1,0 +1,203 @@
+"""Saving and loading training checkpoints (Part 07), safely and atomically.
+
+A checkpoint is two files side by side: ``model.safetensors`` (the weights, plus the model's
+config and a save id in its metadata) and ``model.state.pt`` (optimizer state, RNG states,
+config and whatever the caller adds, read back with ``torch.load(weights_only=True)``, so loading
+never runs pickled code). Each is written under a temporary name and renamed into place; the
+shared save id catches a pair that does not belong together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+__all__ = ["CheckpointError", "checkpoint_paths", "load_checkpoint", "save_checkpoint"]
+
+_STRUCTURAL = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, or does not fit the model; the message names the file."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist."""
+
+
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """Return ``(weights, state)`` file paths: ``path`` itself if it ends in .safetensors, else inside it."""
+    path = Path(path)
+    weights = path if path.suffix == ".safetensors" else path / "model.safetensors"
+    return weights, weights.with_name(f"{weights.stem}.state.pt")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _config_of(model: nn.Module) -> dict | None:
+    cfg = getattr(_unwrap(model), "cfg", None)
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else None
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse values that ``torch.load(weights_only=True)`` could not read back."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(key, f"{where} key")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    raise TypeError(f"checkpoint state {where} is a {type(value).__name__}; only numbers, strings, tensors and "
+                    "lists/dicts of them can be saved (convert it first)")
+
+
+def _rng_states() -> dict:
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {"key": numpy_state["state"]["key"].tolist(), "pos": int(numpy_state["state"]["pos"]),
+                  "has_gauss": int(numpy_state["has_gauss"]), "gauss": float(numpy_state["gauss"])},
+    }
+
+
+def _restore_rng(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    saved = states["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": np.array(saved["key"], dtype=np.uint32),
+                         "pos": saved["pos"]}, "has_gauss": saved["has_gauss"], "gauss": saved["gauss"]})
+
+
+def _atomic(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    **state: Any) -> Path:
+    """Save model weights (safetensors), optimizer state, RNG states, config and ``state``; return the weights path.
+
+    ``path`` is a ``.safetensors`` file or a folder (which gets ``model.safetensors``). Extra
+    ``state`` (e.g. ``step=1200``) must be numbers, strings, tensors or lists/dicts of them.
+    """
+    _check_plain(state, "state")
+    weights_path, state_path = checkpoint_paths(path)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    save_id = uuid.uuid4().hex
+    config = _config_of(model)
+    bundle = {
+        "save_id": save_id,
+        "config": config,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": _rng_states(),
+        "state": state,
+    }
+    metadata = {"format": "pt", "save_id": save_id, "config": json.dumps(config)}
+    _atomic(state_path, lambda tmp: torch.save(bundle, tmp))
+    _atomic(weights_path, lambda tmp: save_model(_unwrap(model), tmp, metadata=metadata))
+    return weights_path
+
+
+def _read_header(weights_path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            return shapes, handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error type for a damaged header
+        raise CheckpointError(f"{weights_path} is truncated or not a safetensors file ({error})") from error
+
+
+def _check_fits(weights_path: Path, model: nn.Module, stored: dict[str, list[int]], metadata: dict) -> None:
+    saved_config = json.loads(metadata.get("config") or "null")
+    config = _config_of(model)
+    if saved_config and config:
+        differences = [f"{key}: file {saved_config.get(key)!r}, model {config.get(key)!r}"
+                       for key in _STRUCTURAL if saved_config.get(key) != config.get(key)]
+        if differences:
+            raise CheckpointError(f"{weights_path} was saved from a model with a different config ("
+                                  + "; ".join(differences) + "); build the model with the saved config")
+    expected = _unwrap(model).state_dict()
+    groups: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        groups.setdefault(tensor.data_ptr() if tensor.device.type != "meta" else id(tensor), []).append(name)
+    for names in groups.values():
+        if not any(name in stored for name in names):
+            raise CheckpointError(f"{weights_path} has no tensor {names[0]} (shape {list(expected[names[0]].shape)}), "
+                                  "which the model needs")
+    for name, shape in stored.items():
+        if name not in expected:
+            raise CheckpointError(f"{weights_path} holds {name} (shape {shape}), which the model does not have")
+        if list(expected[name].shape) != shape:
+            raise CheckpointError(f"{weights_path}: {name} has shape {shape} in the file but "
+                                  f"{list(expected[name].shape)} in the model")
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    *, restore_rng: bool = False) -> dict:
+    """Load a checkpoint written by ``save_checkpoint`` into ``model`` (and ``optimizer``); return its state.
+
+    The returned dict holds the extra ``state`` saved with it, plus ``config`` and ``rng``. With
+    ``restore_rng=True`` the Python, NumPy and PyTorch generators continue where the save left them.
+    Raises ``CheckpointError`` naming the file when it is missing, damaged or does not fit.
+    """
+    weights_path, state_path = checkpoint_paths(path)
+    for required in (weights_path, state_path):
+        if not required.is_file():
+            raise CheckpointNotFoundError(f"checkpoint file {required} does not exist")
+    stored, metadata = _read_header(weights_path)
+    _check_fits(weights_path, model, stored, metadata)
+    try:
+        bundle = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, or a pickle that is not plain data
+        raise CheckpointError(f"{state_path} is truncated or not a checkpoint state file ({error})") from error
+    if not isinstance(bundle, dict) or bundle.get("save_id") != metadata.get("save_id"):
+        raise CheckpointError(f"{state_path} does not belong to {weights_path} (different saves); "
+                              "the save was interrupted between the two files: use an earlier checkpoint")
+    target = _unwrap(model)
+    device = next(target.parameters()).device
+    try:
+        load_model(target, str(weights_path), strict=True, device=str(device))
+    except Exception as error:
+        raise CheckpointError(f"{weights_path} could not be read ({error})") from error
+    if optimizer is not None:
+        if bundle["optimizer"] is None:
+            raise CheckpointError(f"{state_path} holds no optimizer state (it was saved without an optimizer)")
+        try:
+            optimizer.load_state_dict(bundle["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{state_path}: the optimizer state does not fit this optimizer ({error})") from error
+    if restore_rng:
+        _restore_rng(bundle["rng"])
+    return {**bundle["state"], "config": bundle["config"], "rng": bundle["rng"]}

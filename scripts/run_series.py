@@ -1,0 +1,93 @@
+"""Execute the series' notebooks in order, keep the executed copies, and summarise the results.
+
+Usage: python scripts/run_series.py notebooks/part02_tokenization.ipynb [...]
+
+Executed copies go to runs/<timestamp>/; each notebook's headline numbers (written by its last
+cell through helpers.record_results) are collected into the summary table printed at the end
+and saved as runs/<timestamp>/summary.md. A failing notebook stops the run and shows its cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL = "llm-from-scratch"
+
+
+def _headline(results: dict) -> str:
+    numbers = {key: value for key, value in results.items() if key not in {"notebook", "quick"}}
+    parts = []
+    for key, value in numbers.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def _table(rows: list[tuple[str, str, str, str]]) -> str:
+    lines = ["| notebook | time | result | headline numbers |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | {seconds} | {status} | {numbers} |" for name, seconds, status, numbers in rows]
+    return "\n".join(lines)
+
+
+def run(notebooks: list[Path], out_dir: Path, kernel: str) -> int:
+    results_dir = out_dir / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["LLM_RESULTS_DIR"] = str(results_dir)  # the kernels inherit it
+    mode = "quick (LLM_QUICK=1)" if os.environ.get("LLM_QUICK") else "full size"
+    print(f"executing {len(notebooks)} notebooks at {mode}; executed copies in {out_dir}", flush=True)
+    rows, exit_code = [], 0
+    for path in notebooks:
+        print(f"-> {path.name} ...", flush=True)
+        notebook = nbformat.read(path, as_version=4)
+        client = NotebookClient(notebook, timeout=None, kernel_name=kernel,
+                                resources={"metadata": {"path": str(path.parent)}})
+        start = time.perf_counter()
+        failure = None
+        try:
+            client.execute()
+        except CellExecutionError as error:
+            failure = error
+        elapsed = time.perf_counter() - start
+        nbformat.write(notebook, out_dir / path.name)
+        result_file = results_dir / f"{path.stem}.json"
+        numbers = _headline(json.loads(result_file.read_text())) if result_file.exists() else ""
+        rows.append((path.stem, f"{elapsed:.0f} s", "FAIL" if failure else "pass", numbers))
+        print(f"   {'FAILED' if failure else 'passed'} in {elapsed:.0f} s", flush=True)
+        if failure is not None:
+            print(f"\n{path.name} failed; the failing cell and its error:\n{failure}", file=sys.stderr)
+            exit_code = 1
+            break
+    summary = _table(rows)
+    (out_dir / "summary.md").write_text(summary + "\n")
+    print("\n" + summary)
+    return exit_code
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebooks", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="folder for executed copies (default runs/<timestamp>)")
+    parser.add_argument("--kernel", default=KERNEL, help=f"Jupyter kernel to use (default {KERNEL})")
+    args = parser.parse_args()
+    missing = [str(path) for path in args.notebooks if not path.is_file()]
+    if missing:
+        parser.error(f"no such notebook: {', '.join(missing)}")
+    out_dir = args.out or ROOT / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return run([path.resolve() for path in args.notebooks], out_dir, args.kernel)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
