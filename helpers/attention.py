@@ -95,12 +95,14 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         batch, n_tokens, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if past + n_tokens > self.context_length:
+            raise ValueError(f"the input has {past + n_tokens} tokens ({past} cached) but context_length is "
+                             f"{self.context_length}")
         queries = self._split_heads(self.W_query(x))
         keys = self._split_heads(self.W_key(x))
         values = self._split_heads(self.W_value(x))
-        past = 0
         if cache is not None:
-            past = cache.length
             keys, values = cache.append(keys, values)
 
         dropout_p = self.dropout if self.training else 0.0
