@@ -133,7 +133,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 def _read_header(weights_path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
-            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
             return shapes, handle.metadata() or {}
     except Exception as error:  # safetensors raises its own error type for a damaged header
         raise CheckpointError(f"{weights_path} is truncated or not a safetensors file ({error})") from error

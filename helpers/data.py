@@ -9,7 +9,6 @@ it is put in place, so a partial or corrupt file never lands where the series lo
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import shutil
 import tempfile
@@ -184,7 +183,7 @@ def _verify(path: Path, entry: Dataset, origin: str) -> None:
 
 
 def _download(url: str, dest: Path, progress: bool) -> None:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     request = urllib.request.Request(url, headers={"User-Agent": "llm-from-scratch"})
     with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response, open(dest, "wb") as out:

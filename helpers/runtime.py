@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-def device() -> "torch.device":  # noqa: F821 (torch is imported lazily)
+def device() -> torch.device:  # noqa: F821 (torch is imported lazily)
     """Return the best available device: cuda, then mps, then cpu.
 
     Set ``LLM_DEVICE`` (for example ``cpu``) to override the choice.

@@ -263,12 +263,13 @@ class BPETokenizer:
         vocab = {byte: bytes([byte]) for byte in range(256)}
         merges: dict[tuple[int, int], int] = {}
         n_merges = vocab_size - smallest
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         for step in tqdm(range(n_merges), desc="BPE merges", disable=not progress):
             if not pair_counts:
                 break
-            best, count = max(pair_counts.items(), key=lambda item: item[1])
+            # the most frequent pair; ties go to the smallest (left id, right id), so training is reproducible
+            best, count = max(pair_counts.items(), key=lambda item: (item[1], -item[0][0], -item[0][1]))
             if count < 2:
                 break
             new_id = 256 + step

@@ -187,7 +187,8 @@ def train_model(model: nn.Module, train_loader: Iterable, val_loader: Iterable, 
                         f"the loss became {loss.item()} at step {step} (epoch {epoch + 1}, batch {batch_index}); "
                         "lower the learning rate, add warmup or gradient clipping", step, history)
                 # the last group of an epoch may hold fewer micro-batches than grad_accum_steps
-                group_size = min(grad_accum_steps, batches_per_epoch - (batch_index // grad_accum_steps) * grad_accum_steps)
+                group_start = (batch_index // grad_accum_steps) * grad_accum_steps
+                group_size = min(grad_accum_steps, batches_per_epoch - group_start)
                 (loss / group_size).backward()
                 tokens_seen += input_batch.numel()
                 if (batch_index + 1) % grad_accum_steps != 0 and batch_index + 1 != batches_per_epoch:
@@ -203,7 +204,8 @@ def train_model(model: nn.Module, train_loader: Iterable, val_loader: Iterable, 
                 step += 1
                 elapsed = time.perf_counter() - started
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):,.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):,.0f}",
+                                refresh=False)
 
                 if step % eval_freq == 0 or step == total_steps:
                     train_loss, val_loss = evaluate_model(forward_model, train_loader, val_loader, device, eval_iter)

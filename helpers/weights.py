@@ -115,7 +115,7 @@ class _Tensors:
                 raise WeightsError(f"{file} is truncated or not a safetensors file ({error})") from error
             self.handles.append(handle)
             self.metadata.update(handle.metadata() or {})
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 name = key.removeprefix("transformer.")
                 self.where[name] = (handle, key, file)
 
