@@ -34,6 +34,8 @@ def loader_loss(model: nn.Module, loader: Iterable, device: torch.device | str,
         for inputs, targets in _batches(loader, num_batches):
             inputs, targets = inputs.to(device), targets.to(device)
             n_tokens = int((targets != -100).sum())
+            if n_tokens == 0:  # e.g. a window holding only a masked prompt: nothing to score
+                continue
             core = unwrap_model(model)
             if isinstance(core, GPTModel):
                 loss = chunked_cross_entropy(model(inputs, return_hidden=True), core.out_head.weight, targets)

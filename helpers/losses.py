@@ -109,6 +109,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match the weight {tuple(weight.shape)}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1).to(hidden.device)
+    outside = ((targets < 0) & (targets != ignore_index)) | (targets >= weight.shape[0])
+    if bool(outside.any()):
+        bad = targets[outside][0].item()
+        raise IndexError(f"target {bad} is out of bounds for a vocabulary of {weight.shape[0]} "
+                         f"(ignore_index is {ignore_index})")
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)
     return _loss_only(hidden, weight, targets, ignore_index, chunk_rows)

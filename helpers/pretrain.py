@@ -279,6 +279,9 @@ def _run(args, env: _Dist) -> int:
         raise SystemExit(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        stale_log = out_dir / "log.jsonl"
+        if not args.resume and stale_log.exists():  # left by a run that never saved: keep it aside
+            os.replace(stale_log, out_dir / f"log.{int(time.time())}.jsonl")
 
     files = expand_data_paths(args.data)
     if env.main:
@@ -335,7 +338,8 @@ def _run(args, env: _Dist) -> int:
 
     def evaluate(step: int) -> None:
         model.eval()
-        offsets = _rows_of_step(args.seed, 0, args.eval_batches * args.batch_size, len(val_tokens),
+        # the same rows however many processes share the global batch
+        offsets = _rows_of_step(args.seed, 0, args.eval_batches * args.batch_size * env.world, len(val_tokens),
                                 cfg.context_length, stream=_VAL_STREAM)
         mine = [o for i, o in enumerate(offsets) if (i // args.batch_size) % env.world == env.rank]
         total = 0.0

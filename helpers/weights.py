@@ -206,6 +206,8 @@ def _load_ours(tensors: _Tensors, source: str, device, dtype) -> GPTModel:
         if name not in expected:
             raise WeightsError(f"{source} holds {name}, which GPTModel does not have")
         state[name] = tensors.get(name).to(device=device, dtype=dtype)
+    if cfg.tie_weights and "tok_emb.weight" not in state and "out_head.weight" in state:
+        state["tok_emb.weight"] = state["out_head.weight"]
     return _assign(model, state, source)
 
 
@@ -250,7 +252,7 @@ def load_gpt2(name_or_path: str | os.PathLike, device: torch.device | str | None
         config_path, files = _local_files(path)
     tensors = _Tensors(files)
     source = str(files[0] if len(files) == 1 else files[0].parent)
-    if "tok_emb.weight" in tensors.names():
+    if tensors.names() & {"tok_emb.weight", "out_head.weight"}:  # GPTModel's own names (a tied file keeps one)
         return _load_ours(tensors, source, device, dtype)
 
     cfg = _config_from(config_path, tensors, drop_rate)

@@ -1,0 +1,321 @@
+"""Checkpoints (Part 07): save_checkpoint / load_checkpoint round trips, damage and mismatches refused."""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
+from helpers.model import GPTConfig, GPTModel
+
+VOCAB = 61
+
+
+def _cfg(**changes) -> GPTConfig:
+    values = {"vocab_size": VOCAB, "context_length": 12, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
+              "drop_rate": 0.0, **changes}
+    return GPTConfig(**values)
+
+
+def _model(seed: int = 0, **changes) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(_cfg(**changes))
+
+
+def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (2, 13), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _train(model: GPTModel, optimizer: torch.optim.Optimizer, seeds) -> None:
+    from helpers.train import calc_loss_batch
+
+    for seed in seeds:
+        inputs, targets = _batch(seed)
+        calc_loss_batch(inputs, targets, model, "cpu").backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _adamw(model: GPTModel) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        assert torch.equal(state_a[name], state_b[name]), name
+
+
+def _assert_same_optimizer_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a["param_groups"] == state_b["param_groups"]
+    assert state_a["state"].keys() == state_b["state"].keys() and state_a["state"]
+    for index, entry in state_a["state"].items():
+        for key, value in entry.items():
+            other = state_b["state"][index][key]
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(other)), (index, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# round trips
+
+
+@pytest.mark.parametrize("target", ["folder", "run/weights.safetensors"])
+def test_checkpoint_round_trip_restores_weights_optimizer_and_state(tmp_path, target):
+    # given a model and AdamW after two training steps
+    model = _model(seed=1)
+    optimizer = _adamw(model)
+    _train(model, optimizer, seeds=[1, 2])
+
+    # when it is saved (to a folder or a .safetensors path) with extra state, and loaded into fresh objects
+    path = tmp_path / target
+    weights_path = save_checkpoint(path, model, optimizer, step=2, tokens_seen=48, note="warm",
+                                   history={"loss": [3.5, 3.1]}, best=torch.tensor([1.5]))
+    restored = _model(seed=99)
+    restored_optimizer = _adamw(restored)
+    state = load_checkpoint(path, restored, restored_optimizer)
+
+    # then the files are where checkpoint_paths says, and weights, optimizer state and extra state are back
+    assert weights_path == checkpoint_paths(path)[0]
+    assert weights_path.is_file() and checkpoint_paths(path)[1].is_file()
+    if target == "folder":
+        assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "model.state.pt"]
+    else:
+        assert weights_path == path and checkpoint_paths(path)[1].name == "weights.state.pt"
+    _assert_same_weights(model, restored)
+    _assert_same_optimizer_state(optimizer, restored_optimizer)
+    assert state["step"] == 2 and state["tokens_seen"] == 48 and state["note"] == "warm"
+    assert state["history"] == {"loss": [3.5, 3.1]}
+    assert torch.equal(state["best"], torch.tensor([1.5]))
+    assert state["config"] == model.cfg.to_dict()
+
+
+def test_training_continues_identically_after_loading_a_checkpoint(tmp_path):
+    # given a run saved after two steps
+    model = _model(seed=1)
+    optimizer = _adamw(model)
+    _train(model, optimizer, seeds=[1, 2])
+    save_checkpoint(tmp_path, model, optimizer, step=2)
+
+    # when the original continues for two steps, and a fresh model loaded from the checkpoint does the same
+    _train(model, optimizer, seeds=[3, 4])
+    resumed = _model(seed=42)
+    resumed_optimizer = _adamw(resumed)
+    load_checkpoint(tmp_path, resumed, resumed_optimizer)
+    _train(resumed, resumed_optimizer, seeds=[3, 4])
+
+    # then both end with exactly the same weights (AdamW's moments were restored, not restarted)
+    _assert_same_weights(model, resumed)
+
+
+def test_tied_weights_stay_tied_after_loading(tmp_path):
+    # given a trained model whose output head shares the token embedding
+    model = _model(seed=1, tie_weights=True)
+    optimizer = _adamw(model)
+    _train(model, optimizer, seeds=[1])
+
+    # when it is saved and loaded into a fresh tied model
+    save_checkpoint(tmp_path / "ckpt", model, optimizer, step=1)
+    restored = _model(seed=5, tie_weights=True)
+    load_checkpoint(tmp_path / "ckpt", restored, _adamw(restored))
+
+    # then the head is still the embedding (one tensor), holding the saved values
+    assert restored.out_head.weight is restored.tok_emb.weight
+    assert restored.out_head.weight.data_ptr() == restored.tok_emb.weight.data_ptr()
+    assert torch.equal(restored.tok_emb.weight, model.tok_emb.weight)
+    with torch.no_grad():
+        restored.tok_emb.weight[0, 0] = 123.0
+    assert restored.out_head.weight[0, 0] == 123.0
+
+
+def test_checkpoint_of_a_wrapped_model_loads_into_a_bare_one(tmp_path):
+    # given a model inside nn.DataParallel (its state_dict names start with "module.")
+    model = _model(seed=1)
+    save_checkpoint(tmp_path, torch.nn.DataParallel(model), step=0)
+
+    # when it is loaded into a bare model
+    restored = _model(seed=2)
+    load_checkpoint(tmp_path, restored)
+
+    # then the weights are those of the wrapped model
+    _assert_same_weights(model, restored)
+
+
+def test_restore_rng_continues_the_random_streams_after_the_save(tmp_path):
+    # given random generators in some state when a checkpoint is saved
+    torch.manual_seed(7)
+    random.seed(7)
+    np.random.seed(7)
+    torch.rand(3), random.random(), np.random.rand(), np.random.randn()
+    model = _model(seed=3)
+    torch.manual_seed(11)
+    np.random.randn()  # leaves a cached Gaussian in NumPy's legacy state
+    save_checkpoint(tmp_path, model, step=0)
+    expected = (torch.rand(5), [random.random() for _ in range(3)], np.random.rand(3), np.random.randn(3))
+
+    # when the generators move on, and the checkpoint is loaded with restore_rng=True
+    torch.rand(100), random.random(), np.random.rand(50)
+    load_checkpoint(tmp_path, _model(seed=3), restore_rng=True)
+    actual = (torch.rand(5), [random.random() for _ in range(3)], np.random.rand(3), np.random.randn(3))
+
+    # then every stream continues from where the save left it
+    assert torch.equal(actual[0], expected[0])
+    assert actual[1] == expected[1]
+    np.testing.assert_array_equal(actual[2], expected[2])
+    np.testing.assert_array_equal(actual[3], expected[3])
+
+
+def test_load_without_restore_rng_leaves_the_random_streams_alone(tmp_path):
+    # given a checkpoint saved at one point of the torch stream
+    save_checkpoint(tmp_path, _model(seed=3), step=0)
+    saved_stream = torch.rand(4)
+
+    # when it is loaded without restore_rng
+    target = _model(seed=3)
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    load_checkpoint(tmp_path, target)
+
+    # then the stream is where the caller left it, not where the save was
+    actual = torch.rand(4)
+    assert torch.equal(actual, expected) and not torch.equal(actual, saved_stream)
+
+
+def test_save_leaves_no_temporary_files(tmp_path):
+    # given a folder that receives three saves (the last overwriting the first)
+    model = _model(seed=1)
+    optimizer = _adamw(model)
+    save_checkpoint(tmp_path / "a", model, optimizer, step=1)
+    save_checkpoint(tmp_path / "b.safetensors", model, optimizer, step=1)
+    save_checkpoint(tmp_path / "a", model, optimizer, step=2)
+
+    # then only the checkpoint files exist, no temporary names beside them
+    found = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert found == ["a/model.safetensors", "a/model.state.pt", "b.safetensors", "b.state.pt"]
+    assert load_checkpoint(tmp_path / "a", _model())["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+
+
+def test_state_that_weights_only_cannot_read_is_refused_at_save_time(tmp_path):
+    # given extra state holding an arbitrary object (a Path is pickled as a class instance)
+    model = _model()
+
+    # when / then saving refuses it, naming the entry, and writes nothing
+    with pytest.raises(TypeError, match=r"state\['where'\] is a \w*Path"):
+        save_checkpoint(tmp_path / "ckpt", model, step=1, where=Path("/tmp"))
+    with pytest.raises(TypeError, match=r"state\['extra'\]\[1\]\['deep'\] is a object"):
+        save_checkpoint(tmp_path / "ckpt", model, extra=[1, {"deep": object()}])
+    assert not (tmp_path / "ckpt").exists()
+
+
+class _Payload:
+    """A class instance: unpickling it would mean running arbitrary code paths."""
+
+
+def test_a_state_file_holding_pickled_objects_is_refused_on_load(tmp_path):
+    # given a valid checkpoint whose state file is replaced by one that pickles a class instance
+    model = _model()
+    save_checkpoint(tmp_path, model, step=1)
+    weights_path, state_path = checkpoint_paths(tmp_path)
+    bundle = torch.load(state_path, weights_only=True)
+    bundle["state"]["payload"] = _Payload()
+    torch.save(bundle, state_path)
+
+    # when / then loading reads it with weights_only and refuses, naming the state file
+    with pytest.raises(CheckpointError, match=str(state_path)):
+        load_checkpoint(tmp_path, _model())
+
+
+@pytest.mark.parametrize("which", ["weights", "state"])
+def test_a_truncated_checkpoint_is_refused_naming_the_file(tmp_path, which):
+    # given a checkpoint with one of its two files cut in half
+    model = _model(seed=1)
+    save_checkpoint(tmp_path, model, _adamw(model), step=1)
+    damaged = checkpoint_paths(tmp_path)[0 if which == "weights" else 1]
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[: len(data) // 2])
+
+    # when / then loading raises CheckpointError whose message names the damaged file
+    restored = _model(seed=2)
+    with pytest.raises(CheckpointError, match=str(damaged)):
+        load_checkpoint(tmp_path, restored, _adamw(restored))
+
+
+@pytest.mark.parametrize("which", ["weights", "state"])
+def test_a_missing_checkpoint_file_is_refused_naming_it(tmp_path, which):
+    # given an empty folder, and a checkpoint missing one of its files
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing" / "model.safetensors")):
+        load_checkpoint(tmp_path / "nothing", _model())
+    save_checkpoint(tmp_path, _model(), step=1)
+    missing = checkpoint_paths(tmp_path)[0 if which == "weights" else 1]
+    missing.unlink()
+
+    # when / then loading raises a CheckpointError (also a FileNotFoundError) naming the missing file
+    with pytest.raises(CheckpointError, match=str(missing)) as caught:
+        load_checkpoint(tmp_path, _model())
+    assert isinstance(caught.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize(("field", "value"), [("emb_dim", 64), ("n_layers", 1), ("tie_weights", True),
+                                              ("vocab_size", 70), ("qkv_bias", True)])
+def test_a_checkpoint_of_another_config_is_refused_naming_the_field(tmp_path, field, value):
+    # given a checkpoint of the default config
+    save_checkpoint(tmp_path, _model(), step=1)
+    before = torch.load(checkpoint_paths(tmp_path)[1], weights_only=True)["save_id"]
+
+    # when / then loading it into a model that differs in one field names that field
+    other = _model(**{field: value})
+    weights_before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match=f"{field}.*{value}") as caught:
+        load_checkpoint(tmp_path, other)
+    assert str(checkpoint_paths(tmp_path)[0]) in str(caught.value)
+    # and the model was left untouched, the files too
+    for name, tensor in other.state_dict().items():
+        assert torch.equal(tensor, weights_before[name]), name
+    assert torch.load(checkpoint_paths(tmp_path)[1], weights_only=True)["save_id"] == before
+
+
+def test_a_model_without_config_gets_shape_errors_naming_the_tensor(tmp_path):
+    # given a checkpoint of a plain module, loaded into one whose layer has another size
+    saved = torch.nn.Sequential(OrderedDict(proj=torch.nn.Linear(4, 3, bias=False)))
+    save_checkpoint(tmp_path, saved, step=0)
+    other = torch.nn.Sequential(OrderedDict(proj=torch.nn.Linear(4, 5, bias=False)))
+
+    # when / then the error names the tensor and both shapes
+    with pytest.raises(CheckpointError, match=r"proj\.weight.*\[3, 4\].*\[5, 4\]"):
+        load_checkpoint(tmp_path, other)
+
+
+def test_weights_and_state_of_different_saves_are_refused(tmp_path):
+    # given two saves, and the state file of the second copied beside the weights of the first
+    model = _model(seed=1)
+    save_checkpoint(tmp_path / "first", model, step=1)
+    save_checkpoint(tmp_path / "second", model, step=2)
+    first_state = checkpoint_paths(tmp_path / "first")[1]
+    first_state.write_bytes(checkpoint_paths(tmp_path / "second")[1].read_bytes())
+
+    # when / then loading says the pair does not belong together
+    with pytest.raises(CheckpointError, match="does not belong"):
+        load_checkpoint(tmp_path / "first", _model())
+
+
+def test_loading_an_optimizer_from_a_checkpoint_saved_without_one_is_refused(tmp_path):
+    # given a checkpoint saved without an optimizer
+    save_checkpoint(tmp_path, _model(), step=1)
+
+    # when / then asking for the optimizer state says it is not there
+    model = _model()
+    with pytest.raises(CheckpointError, match="no optimizer state"):
+        load_checkpoint(tmp_path, model, _adamw(model))

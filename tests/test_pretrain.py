@@ -1,0 +1,406 @@
+"""``python -m helpers.pretrain``: files, exact resume, the lr schedule, torchrun, Ctrl-C, the token cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from helpers.checkpoint import load_checkpoint
+from helpers.model import GPT_CONFIGS, GPTConfig, GPTModel
+from helpers.pretrain import flops_per_token, main
+from helpers.train import learning_rate_at
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--n-layers", "1", "--n-heads", "2", "--emb-dim", "32", "--context-length", "16"]
+# --peak-flops skips the one-second CPU matmul benchmark that MFU would otherwise run at start-up
+FAST = ["--device", "cpu", "--peak-flops", "1e12", "--log-every", "1", "--eval-batches", "2", "--seed", "7"]
+SCHEDULE = ["--lr", "1e-3", "--warmup-steps", "2", "--decay-steps", "6", "--dropout", "0.1"]
+TINY_CFG = GPTConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A folder with The Verdict as a text file, and LLM_CACHE_DIR pointing into it for the whole module."""
+    from helpers.data import read_text
+
+    root = tmp_path_factory.mktemp("pretrain")
+    (root / "data").mkdir()
+    (root / "data" / "verdict.txt").write_text(read_text("the-verdict"), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLM_CACHE_DIR", str(root / "cache"))
+        yield root
+
+
+def _pretrain(workspace: Path, out: Path, max_steps: int, *extra: str, quiet: bool = True) -> int:
+    argv = ["--data", str(workspace / "data" / "verdict.txt"), "--out", str(out),
+            "--max-steps", str(max_steps), "--batch-size", "4", "--eval-every", "4", *TINY, *FAST, *extra]
+    return main(argv + (["--quiet"] if quiet else []))
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _max_abs_diff(a: Path, b: Path) -> float:
+    first, second = load_file(str(a)), load_file(str(b))
+    assert first.keys() == second.keys()
+    return max((first[name] - second[name]).abs().max().item() for name in first)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def full_run(workspace) -> Path:
+    """8 steps in one go, with dropout, warmup and cosine decay."""
+    out = workspace / "full"
+    assert _pretrain(workspace, out, 8, *SCHEDULE) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def split_run(workspace) -> tuple[Path, list[dict]]:
+    """The same run as ``full_run`` stopped at step 4 and resumed to 8; also the log of the 4-step run."""
+    out = workspace / "split"
+    assert _pretrain(workspace, out, 4, *SCHEDULE) == 0
+    four_step_log = _log(out)
+    assert _pretrain(workspace, out, 8, *SCHEDULE, "--resume") == 0
+    return out, four_step_log
+
+
+# ---------------------------------------------------------------------------------------------
+# a run and its files
+
+
+def test_a_run_writes_weights_state_and_a_log_of_losses(full_run):
+    # given a finished 8-step run (log every step, validation every 4)
+    records = _log(full_run)
+
+    # then the checkpoint pair exists, and loads with the step and tokens seen
+    assert (full_run / "model.safetensors").is_file() and (full_run / "model.state.pt").is_file()
+    state = load_checkpoint(full_run, GPTModel(TINY_CFG))
+    assert state["step"] == 8 and state["tokens_seen"] == 8 * 4 * 16
+    # and the log has a finite training loss per step, and validation losses at steps 4 and 8
+    losses = [r for r in records if "loss" in r]
+    assert [r["step"] for r in losses] == list(range(1, 9))
+    assert all(np.isfinite(r["loss"]) and 9.0 < r["loss"] < 11.5 for r in losses)  # about ln(50257) = 10.8
+    assert [r["tokens_seen"] for r in losses] == [64 * s for s in range(1, 9)]
+    validation = [(r["step"], np.isfinite(r["val_loss"])) for r in records if "val_loss" in r]
+    assert validation == [(4, True), (8, True)]
+    # and nothing but these files is in the folder
+    assert sorted(p.name for p in full_run.iterdir()) == ["log.jsonl", "model.safetensors", "model.state.pt"]
+
+
+def test_resuming_halfway_gives_the_weights_of_an_uninterrupted_run(full_run, split_run):
+    # given 8 steps in one go, and 4 steps then --resume to 8 (dropout 0.1, warmup and cosine decay)
+    split_out, _ = split_run
+
+    # then the final weights agree, and so do the logged losses and learning rates of steps 5 to 8
+    assert _max_abs_diff(full_run / "model.safetensors", split_out / "model.safetensors") <= 1e-6
+    full = {r["step"]: r for r in _log(full_run) if "loss" in r}
+    split = {r["step"]: r for r in _log(split_out) if "loss" in r}
+    assert sorted(split) == list(range(1, 9))
+    for step in range(5, 9):
+        assert split[step]["loss"] == pytest.approx(full[step]["loss"], abs=1e-6)
+        assert split[step]["lr"] == pytest.approx(full[step]["lr"], rel=1e-12)
+        assert split[step]["tokens_seen"] == full[step]["tokens_seen"]
+    state = load_checkpoint(split_out, GPTModel(TINY_CFG))
+    assert state["step"] == 8
+
+
+def test_learning_rate_schedule_does_not_depend_on_max_steps(full_run, split_run):
+    # given the log of a 4-step run and that of an 8-step run with the same schedule options
+    _, four_step_log = split_run
+    short = [(r["step"], r["lr"]) for r in four_step_log if "lr" in r]
+    long = [(r["step"], r["lr"]) for r in _log(full_run) if "lr" in r]
+
+    # then the rates at steps 1-4 are the same, and follow learning_rate_at (warmup 2, decay 6, min lr/10)
+    assert [step for step, _ in short] == [1, 2, 3, 4]
+    assert short == long[:4]
+    expected = [learning_rate_at(step - 1, 1e-3, 2, 6, 1e-4) for step in range(1, 9)]
+    assert [lr for _, lr in long] == pytest.approx(expected, rel=1e-12)
+    assert long[1][1] == pytest.approx(1e-3)  # the peak after the warmup
+    assert long[0][1] == pytest.approx(5e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+
+
+def test_resume_without_a_checkpoint_fails_clearly_and_touches_nothing(workspace, tmp_path):
+    # given an --out folder holding a file but no checkpoint, and one that does not exist
+    (tmp_path / "notes.txt").write_text("keep me")
+
+    # when / then --resume refuses both, saying there is no checkpoint, and writes nothing
+    with pytest.raises(SystemExit, match="--resume.*no checkpoint"):
+        _pretrain(workspace, tmp_path, 2, "--resume")
+    assert _snapshot(tmp_path) == {"notes.txt": b"keep me"}
+    with pytest.raises(SystemExit, match="--resume.*no checkpoint"):
+        _pretrain(workspace, tmp_path / "missing", 2, "--resume")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_second_run_into_a_used_out_folder_fails_clearly_and_keeps_the_run(full_run, workspace, tmp_path):
+    # given a copy of a finished run
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    before = _snapshot(out)
+
+    # when a new run (without --resume) is pointed at it
+    with pytest.raises(SystemExit, match="already holds a run.*--resume"):
+        _pretrain(workspace, out, 2)
+
+    # then every file is as it was
+    assert _snapshot(out) == before
+
+
+def test_resume_with_other_model_sizes_is_refused_naming_the_option(full_run, workspace, tmp_path):
+    # given a copy of a finished run with emb_dim 32
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    before = _snapshot(out)
+
+    # when / then resuming it with --emb-dim 64 names the clash, and nothing changes
+    with pytest.raises(SystemExit, match=r"--emb-dim 64 \(saved: 32\)"):
+        _pretrain(workspace, out, 10, "--resume", "--emb-dim", "64")
+    assert _snapshot(out) == before
+
+
+def test_a_diverging_run_stops_with_exit_code_1_and_saves_nothing(workspace, tmp_path, capsys):
+    # given an infinite learning rate: step 1 is finite, the update ruins the weights
+    out = tmp_path / "diverged"
+
+    # when it runs
+    code = _pretrain(workspace, out, 5, "--lr", "inf", "--eval-every", "0")
+
+    # then it stops at step 1 (0-based) with code 1, says why, and writes no checkpoint
+    assert code == 1
+    assert "the loss became nan at step 1" in capsys.readouterr().err
+    assert not (out / "model.safetensors").exists()
+    assert [r["step"] for r in _log(out)] == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes, and Ctrl-C
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(workspace) -> tuple[Path, Path]:
+    """One 4-step run (no dropout) as one process with batch 4, and as torchrun's 2 processes with batch 2."""
+    one, two = workspace / "one-process", workspace / "two-processes"
+    common = [*TINY, *FAST, "--data", str(workspace / "data" / "verdict.txt"), "--max-steps", "4",
+              "--eval-every", "2", "--warmup-steps", "1", "--decay-steps", "3", "--dropout", "0", "--quiet"]
+    assert main([*common, "--out", str(one), "--batch-size", "4"]) == 0
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "helpers.pretrain",
+                             *common, "--out", str(two), "--batch-size", "2"],
+                            cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return one, two
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_trains_like_one_process_with_their_batch(one_and_two_processes):
+    # given one process with batch 4, and 2 processes (torchrun, gloo) with batch 2 each; no dropout
+    one, two = one_and_two_processes
+
+    # then the weights agree, and so do the training losses and tokens seen of every step
+    assert _max_abs_diff(one / "model.safetensors", two / "model.safetensors") <= 1e-5
+    train_one = [r for r in _log(one) if "loss" in r]
+    train_two = [r for r in _log(two) if "loss" in r]
+    assert [r["step"] for r in train_two] == [1, 2, 3, 4]  # one log, written by rank 0 only
+    for a, b in zip(train_one, train_two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert (b["step"], b["tokens_seen"], b["lr"]) == (a["step"], a["tokens_seen"], a["lr"])
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_reports_the_validation_loss_of_one_process(one_and_two_processes):
+    # given the same run as one process with batch 4 and as 2 processes with batch 2
+    one, two = one_and_two_processes
+
+    # then the validation losses (the same --eval-batches of the same global batch) agree
+    val_one = [(r["step"], r["val_loss"]) for r in _log(one) if "val_loss" in r]
+    val_two = [(r["step"], r["val_loss"]) for r in _log(two) if "val_loss" in r]
+    assert [step for step, _ in val_two] == [step for step, _ in val_one] == [2, 4]
+    for (_, a), (_, b) in zip(val_one, val_two, strict=True):
+        assert b == pytest.approx(a, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_from_it(workspace, tmp_path, capsys):
+    # given a long run in a subprocess, logging every step
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "helpers.pretrain", "--data", str(workspace / "data" / "verdict.txt"),
+            "--out", str(out), "--max-steps", "100000", "--batch-size", "2", "--eval-every", "0",
+            *TINY, *FAST]
+    stderr_file = (tmp_path / "stderr.txt").open("w")
+    process = subprocess.Popen(argv, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=stderr_file,
+                               text=True)
+    watchdog = threading.Timer(300, process.kill)  # never hang the suite if no log line comes
+    watchdog.start()
+    try:
+        # when Ctrl-C (SIGINT) arrives after its first log line
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("step"):
+                break
+        assert lines and lines[-1].startswith("step"), "".join(lines)
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        stderr_file.close()
+
+    # then it exits with 0, says it was interrupted, and leaves a checkpoint at the step it reached
+    assert process.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert "interrupted at step" in rest and "--resume" in rest
+    stopped = load_checkpoint(out, GPTModel(TINY_CFG))["step"]
+    assert 1 <= stopped < 100000
+    assert f"interrupted at step {stopped};" in rest
+    assert max(r["step"] for r in _log(out)) == stopped
+
+    # and --resume continues from that step
+    code = main(["--data", str(workspace / "data" / "verdict.txt"), "--out", str(out), "--max-steps",
+                 str(stopped + 2), "--batch-size", "2", "--eval-every", "0", *TINY, *FAST, "--resume"])
+    assert code == 0
+    assert f"resuming at step {stopped}" in capsys.readouterr().out
+    assert [r["step"] for r in _log(out)][-2:] == [stopped + 1, stopped + 2]
+    assert load_checkpoint(out, GPTModel(TINY_CFG))["step"] == stopped + 2
+
+
+# ---------------------------------------------------------------------------------------------
+# data and the token cache
+
+
+def test_token_cache_lands_in_cache_dir_and_is_reused_without_retokenizing(workspace, tmp_path, monkeypatch):
+    # given a text file in a data folder of its own, and a cache folder
+    import tiktoken
+
+    data = tmp_path / "data"
+    data.mkdir()
+    text = (workspace / "data" / "verdict.txt").read_text(encoding="utf-8")[:6000]
+    (data / "part.txt").write_text(text, encoding="utf-8")
+    cache = tmp_path / "tokens"
+    argv = ["--data", str(data / "part.txt"), "--cache-dir", str(cache), "--max-steps", "1",
+            "--batch-size", "2", "--eval-every", "0", "--val-fraction", "0", *TINY, *FAST, "--quiet"]
+
+    # when a first run tokenizes it
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
+
+    # then the cache is in --cache-dir (not beside the data) and holds GPT-2's tokens and <|endoftext|>
+    assert sorted(p.name for p in data.iterdir()) == ["part.txt"]
+    cached = sorted(cache.glob("*.uint16"))
+    assert len(cached) == 1 and cached[0].with_suffix(".json").is_file()
+    encoding = tiktoken.get_encoding("gpt2")
+    expected = [*encoding.encode_ordinary(text), encoding.eot_token]
+    assert np.fromfile(cached[0], dtype=np.uint16).tolist() == expected
+    mtime = cached[0].stat().st_mtime_ns
+
+    # when a second run uses the same data, with tokenizing made impossible
+    def no_tokenizer():
+        raise AssertionError("the second run tokenized again")
+
+    monkeypatch.setattr("helpers.tokenizers.gpt2_tokenizer", no_tokenizer)
+    assert main([*argv, "--out", str(tmp_path / "second")]) == 0
+
+    # then it read the same cache file, untouched
+    assert sorted(cache.glob("*.uint16")) == cached and cached[0].stat().st_mtime_ns == mtime
+    assert (tmp_path / "second" / "model.safetensors").is_file()
+
+
+def test_token_cache_goes_to_llm_cache_dir_without_cache_dir(workspace, tmp_path, monkeypatch):
+    # given LLM_CACHE_DIR pointing at a fresh folder and no --cache-dir
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "env-cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "story.txt").write_text((workspace / "data" / "verdict.txt").read_text(encoding="utf-8")[-5000:])
+
+    # when a run tokenizes the file
+    assert main(["--data", str(data), "--out", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2",
+                 "--eval-every", "0", *TINY, *FAST, "--quiet"]) == 0
+
+    # then the cache is in LLM_CACHE_DIR and the data folder is as it was
+    assert len(list((tmp_path / "env-cache").glob("*.uint16"))) == 1
+    assert sorted(p.name for p in data.iterdir()) == ["story.txt"]
+
+
+def test_data_accepts_a_folder_of_text_files(workspace, tmp_path):
+    # given a folder with two .txt files (one in a subfolder) and a file that is not text
+    import tiktoken
+
+    text = (workspace / "data" / "verdict.txt").read_text(encoding="utf-8")
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text(text[:8000], encoding="utf-8")
+    (folder / "sub" / "b.txt").write_text(text[8000:16000], encoding="utf-8")
+    (folder / "README.md").write_text("not training data " * 50)
+    cache = tmp_path / "cache"
+
+    # when a run is given the folder
+    assert main(["--data", str(folder), "--out", str(tmp_path / "out"), "--cache-dir", str(cache),
+                 "--max-steps", "2", "--batch-size", "2", "--eval-every", "2", *TINY, *FAST, "--quiet"]) == 0
+
+    # then it trained on both .txt files, in sorted order, each ended by <|endoftext|>, and not on the README
+    manifest = json.loads(next(cache.glob("*.json")).read_text())
+    assert manifest["files"] == [str(folder / "a.txt"), str(folder / "sub" / "b.txt")]
+    encoding = tiktoken.get_encoding("gpt2")
+    expected = [*encoding.encode_ordinary(text[:8000]), encoding.eot_token,
+                *encoding.encode_ordinary(text[8000:16000]), encoding.eot_token]
+    assert np.fromfile(next(cache.glob("*.uint16")), dtype=np.uint16).tolist() == expected
+    assert load_checkpoint(tmp_path / "out", GPTModel(TINY_CFG))["step"] == 2
+
+
+def test_a_folder_without_text_files_is_refused(workspace, tmp_path):
+    # given a folder with no .txt file
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "data.csv").write_text("a,b\n")
+
+    # when / then the run refuses it, naming the folder
+    with pytest.raises(FileNotFoundError, match="no .txt files"):
+        main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), "--max-steps", "1",
+              *TINY, *FAST])
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def test_flops_per_token_of_gpt2_124m_matches_an_independent_count():
+    # given GPT-2 124M at context 1024, built on the meta device (no memory)
+    cfg = GPT_CONFIGS["gpt2"]
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+
+    # when N is counted as the weights of every matrix product (the linear layers, output head included)
+    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    expected = 6 * n_matmul + 12 * cfg.n_layers * cfg.emb_dim * cfg.context_length
+
+    # then flops_per_token agrees: about 0.85 GFLOPs per token, of which attention's share is 12*L*d*T
+    assert n_matmul == 12 * (12 * 768 * 768) + 50257 * 768
+    assert flops_per_token(cfg) == pytest.approx(expected, rel=1e-12)
+    assert 8.4e8 < flops_per_token(cfg) < 8.6e8

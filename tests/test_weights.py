@@ -1,0 +1,341 @@
+"""GPT-2 weights in our GPTModel and back (Part 08), with transformers' GPT2LMHeadModel as the reference.
+
+Nothing is downloaded: the reference models are random, tiny, seeded and saved locally.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from helpers.generate import generate
+from helpers.model import GPTConfig, GPTModel
+from helpers.weights import WeightsError, load_gpt2, save_hf_gpt2
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, CONTEXT, EMB, LAYERS, HEADS = 1000, 64, 64, 2, 4
+
+
+def _hf_model(tied: bool = True, seed: int = 0):
+    """A seeded GPT2LMHeadModel whose every parameter (biases and LayerNorms too) is random."""
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=EMB, n_layer=LAYERS,
+                                     n_head=HEADS, tie_word_embeddings=tied, bos_token_id=None,
+                                     eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model
+
+
+def _hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _our_logits(model: GPTModel, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(ids)
+
+
+def _ids(n_tokens: int = 40, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, n_tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def hf_tied():
+    return _hf_model(tied=True)
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(hf_tied, tmp_path_factory) -> Path:
+    """``save_pretrained``: the ``transformer.``-prefixed layout, tied head not stored."""
+    folder = tmp_path_factory.mktemp("hf-pretrained")
+    hf_tied.save_pretrained(folder)
+    return folder
+
+
+def _to_hub_layout(source: Path, target: Path, *, drop: str | None = None, add: dict | None = None,
+                   replace: dict | None = None) -> Path:
+    """Re-save ``source`` as the hub's GPT-2 files are: no ``transformer.`` prefix, causal-mask buffers included."""
+    target.mkdir(parents=True, exist_ok=True)
+    stored = load_file(source / "model.safetensors")
+    tensors = {name.removeprefix("transformer."): tensor for name, tensor in stored.items()}
+    for layer in range(LAYERS):  # the hub's gpt2 file carries these buffers; they are not weights
+        tensors[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(CONTEXT, CONTEXT)).view(1, 1, CONTEXT, CONTEXT)
+    if drop is not None:
+        del tensors[drop]
+    tensors.update(add or {})
+    tensors.update(replace or {})
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(source / "config.json", target / "config.json")
+    return target
+
+
+@pytest.fixture(scope="module")
+def hub_dir(pretrained_dir, tmp_path_factory) -> Path:
+    return _to_hub_layout(pretrained_dir, tmp_path_factory.mktemp("hf-hub") / "gpt2")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading GPT-2 files
+
+
+def test_load_gpt2_from_save_pretrained_layout_gives_the_logits_of_transformers(hf_tied, pretrained_dir):
+    # given a transformers model saved with save_pretrained (names start with "transformer.")
+    assert all(name.startswith("transformer.") for name in load_file(pretrained_dir / "model.safetensors"))
+    ids = _ids()
+
+    # when it is loaded with load_gpt2
+    model = load_gpt2(pretrained_dir)
+
+    # then it is a GPTModel of the same sizes, in eval mode, with the same logits
+    assert isinstance(model, GPTModel) and not model.training
+    assert (model.cfg.vocab_size, model.cfg.context_length, model.cfg.emb_dim, model.cfg.n_heads,
+            model.cfg.n_layers, model.cfg.qkv_bias, model.cfg.tie_weights) == (VOCAB, CONTEXT, EMB, HEADS, LAYERS,
+                                                                                 True, True)
+    assert _max_diff(_our_logits(model, ids), _hf_logits(hf_tied, ids)) <= 1e-4
+
+
+def test_load_gpt2_from_the_hub_layout_gives_the_logits_of_transformers(hf_tied, hub_dir):
+    # given the same weights in the hub's layout (no prefix, causal-mask buffers, config.json beside)
+    names = set(load_file(hub_dir / "model.safetensors"))
+    assert "wte.weight" in names and "h.0.attn.bias" in names
+    ids = _ids(seed=2)
+
+    # when the folder is loaded
+    model = load_gpt2(hub_dir)
+
+    # then the logits are those of transformers
+    assert _max_diff(_our_logits(model, ids), _hf_logits(hf_tied, ids)) <= 1e-4
+
+
+def test_load_gpt2_from_a_bare_safetensors_file_with_its_config_beside_it(hf_tied, hub_dir):
+    # given the path of the .safetensors file itself
+    ids = _ids(seed=3)
+
+    # when it is loaded
+    model = load_gpt2(hub_dir / "model.safetensors")
+
+    # then the logits are those of transformers
+    assert _max_diff(_our_logits(model, ids), _hf_logits(hf_tied, ids)) <= 1e-4
+
+
+def test_load_gpt2_of_an_untied_model_keeps_its_own_head(tmp_path):
+    # given a transformers model with a separate lm_head, saved with save_pretrained
+    reference = _hf_model(tied=False, seed=4)
+    reference.save_pretrained(tmp_path)
+    ids = _ids(seed=4)
+
+    # when it is loaded
+    model = load_gpt2(tmp_path)
+
+    # then the head is its own tensor and the logits are those of transformers
+    assert not model.cfg.tie_weights
+    assert model.out_head.weight.data_ptr() != model.tok_emb.weight.data_ptr()
+    torch.testing.assert_close(model.out_head.weight, reference.lm_head.weight, rtol=0, atol=0)
+    assert _max_diff(_our_logits(model, ids), _hf_logits(reference, ids)) <= 1e-4
+
+
+def test_greedy_generation_is_token_for_token_that_of_transformers(hf_tied, pretrained_dir):
+    # given the loaded model and a prompt of 6 tokens
+    model = load_gpt2(pretrained_dir)
+    prompt = _ids(n_tokens=6, batch=1, seed=5)
+
+    # when both generate 30 tokens greedily (ours with and without the KV cache)
+    ours_cached = generate(model, prompt, max_new_tokens=30)
+    ours_uncached = generate(model, prompt, max_new_tokens=30, use_cache=False)
+    with torch.no_grad():
+        theirs = hf_tied.generate(prompt, max_new_tokens=30, do_sample=False, attention_mask=torch.ones_like(prompt))
+
+    # then the sequences are identical (and not a degenerate repetition of one token)
+    assert theirs.shape == (1, 36) and len(set(theirs[0, 6:].tolist())) > 3
+    assert ours_cached.tolist() == theirs.tolist()
+    assert ours_uncached.tolist() == theirs.tolist()
+
+
+def test_loaded_tied_head_shares_storage_with_the_token_embedding(pretrained_dir):
+    # given a tied GPT-2 loaded from disk
+    model = load_gpt2(pretrained_dir)
+
+    # then the output head is the token embedding itself: one storage, one parameter
+    assert model.cfg.tie_weights
+    assert model.out_head.weight is model.tok_emb.weight
+    assert model.out_head.weight.untyped_storage().data_ptr() == model.tok_emb.weight.untyped_storage().data_ptr()
+    assert len(list(model.parameters())) == len(list(model.named_parameters(remove_duplicate=False))) - 1
+
+
+def test_load_gpt2_with_bfloat16_gives_bfloat16_parameters(hf_tied, pretrained_dir):
+    # given a float32 file, loaded as bfloat16
+    model = load_gpt2(pretrained_dir, dtype=torch.bfloat16)
+    ids = _ids(seed=6)
+
+    # then every parameter is bfloat16 and the logits are close to float32's (bf16 keeps ~3 digits)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    logits = _our_logits(model, ids)
+    assert logits.dtype == torch.bfloat16
+    reference = _hf_logits(hf_tied, ids)
+    assert _max_diff(logits, reference) <= 0.05 * reference.abs().max().item()
+
+
+def test_load_gpt2_overrides_dropout_when_asked(pretrained_dir):
+    # given the file's config (resid_pdrop 0.1)
+    # then the loaded model keeps it, or takes drop_rate when one is passed
+    assert load_gpt2(pretrained_dir).cfg.drop_rate == pytest.approx(0.1)
+    assert load_gpt2(pretrained_dir, drop_rate=0.0).cfg.drop_rate == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# our models in GPT-2's layout
+
+
+def _random_gpt(tie_weights: bool, qkv_bias: bool, seed: int = 7) -> GPTModel:
+    torch.manual_seed(seed)
+    model = GPTModel(GPTConfig(vocab_size=VOCAB, context_length=CONTEXT, emb_dim=EMB, n_heads=HEADS,
+                               n_layers=LAYERS, drop_rate=0.0, qkv_bias=qkv_bias, tie_weights=tie_weights))
+    with torch.no_grad():  # biases and LayerNorms away from their zero/one initialisation
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("tie_weights", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("qkv_bias", [False, True], ids=["no-qkv-bias", "qkv-bias"])
+def test_save_hf_gpt2_loads_in_transformers_and_back_with_the_same_logits(tmp_path, tie_weights, qkv_bias):
+    # given one of our models, every weight random
+    ours = _random_gpt(tie_weights, qkv_bias)
+    ids = _ids(seed=8)
+    expected = _our_logits(ours, ids)
+
+    # when it is saved in GPT-2's layout and loaded by transformers and by load_gpt2
+    folder = save_hf_gpt2(ours, tmp_path / "export")
+    theirs, info = transformers.GPT2LMHeadModel.from_pretrained(folder, output_loading_info=True)
+    back = load_gpt2(folder)
+
+    # then transformers finds every tensor it needs and nothing else, and both give our logits
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert theirs.config.tie_word_embeddings == tie_weights
+    assert _max_diff(_hf_logits(theirs.eval(), ids), expected) <= 1e-4
+    assert _max_diff(_our_logits(back, ids), expected) <= 1e-4
+    assert back.cfg.tie_weights == tie_weights
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+
+
+def test_a_missing_tensor_is_refused_naming_it(pretrained_dir, tmp_path):
+    # given a hub-layout file without one layer's MLP bias
+    broken = _to_hub_layout(pretrained_dir, tmp_path, drop="h.1.mlp.c_fc.bias")
+
+    # when / then loading names the missing tensor and the shape it should have
+    with pytest.raises(WeightsError, match=r"no tensor h\.1\.mlp\.c_fc\.bias.*\[256\]"):
+        load_gpt2(broken)
+
+
+def test_an_unexpected_tensor_is_refused_naming_it(pretrained_dir, tmp_path):
+    # given a hub-layout file with a third layer's LayerNorm, which a 2-layer config does not have
+    broken = _to_hub_layout(pretrained_dir, tmp_path, add={"h.2.ln_1.weight": torch.ones(EMB)})
+
+    # when / then loading names the unexpected tensor
+    with pytest.raises(WeightsError, match=r"h\.2\.ln_1\.weight.*\[64\]"):
+        load_gpt2(broken)
+
+
+def test_a_tensor_of_the_wrong_shape_is_refused_naming_it_and_both_shapes(pretrained_dir, tmp_path):
+    # given a hub-layout file whose first MLP weight is stored transposed (nn.Linear's order, not Conv1D's)
+    broken = _to_hub_layout(pretrained_dir, tmp_path, replace={"h.0.mlp.c_fc.weight": torch.zeros(4 * EMB, EMB)})
+
+    # when / then loading names the tensor, the shape in the file and the shape needed
+    with pytest.raises(WeightsError, match=r"h\.0\.mlp\.c_fc\.weight has shape \[256, 64\].*\[64, 256\]"):
+        load_gpt2(broken)
+
+
+def test_a_file_without_config_and_of_an_unknown_width_is_refused(pretrained_dir, tmp_path):
+    # given a hub-layout file of width 64 with no config.json beside it
+    folder = _to_hub_layout(pretrained_dir, tmp_path / "noconfig")
+    (folder / "config.json").unlink()
+
+    # when / then loading says the head count is unknown and what to do
+    with pytest.raises(WeightsError, match="width 64 is not a GPT-2 size.*config.json"):
+        load_gpt2(folder / "model.safetensors")
+
+
+def test_an_unknown_name_is_refused_listing_the_valid_names(tmp_path, monkeypatch):
+    # given a name that is neither a GPT-2 size nor a path
+    monkeypatch.chdir(tmp_path)
+
+    # when / then the error lists the four valid names
+    with pytest.raises(WeightsError) as caught:
+        load_gpt2("gpt2-small")
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        assert name in str(caught.value)
+
+
+def test_load_gpt2_by_name_offline_with_an_empty_cache_says_so(tmp_path, monkeypatch):
+    # given an empty Hugging Face cache and offline mode (constants are read at import, so patch them too)
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HOME", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+
+    # when / then loading "gpt2" says the weights are not cached and the machine is offline
+    with pytest.raises(WeightsError, match=r"not in the Hugging Face cache.*offline") as caught:
+        load_gpt2("gpt2")
+    assert "openai-community/gpt2" in str(caught.value)
+    assert not any(cache.rglob("*.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# our own checkpoints
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_load_gpt2_reads_a_checkpoint_written_by_pretrain(tmp_path, monkeypatch, tie):
+    # given a one-step run of helpers.pretrain (our own tensor names, config in the metadata)
+    from helpers.checkpoint import load_checkpoint
+    from helpers.data import read_text
+    from helpers.pretrain import main
+
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "verdict.txt").write_text(read_text("the-verdict"), encoding="utf-8")
+    out = tmp_path / "run"
+    argv = ["--data", str(tmp_path / "verdict.txt"), "--out", str(out), "--max-steps", "1", "--batch-size", "2",
+            "--n-layers", "1", "--n-heads", "2", "--emb-dim", "32", "--context-length", "16", "--eval-every", "0",
+            "--device", "cpu", "--peak-flops", "1e12", "--quiet"] + (["--tie-weights"] if tie else [])
+    assert main(argv) == 0
+
+    # when the run's folder is loaded with load_gpt2, and with load_checkpoint for reference
+    model = load_gpt2(out)
+    saved_config = json.loads(safe_open(str(out / "model.safetensors"), framework="pt").metadata()["config"])
+    reference = GPTModel(GPTConfig.from_dict(saved_config))
+    load_checkpoint(out, reference)
+
+    # then it has the run's config and exactly its weights (tied ones still tied)
+    assert model.cfg == reference.cfg and model.cfg.tie_weights == tie
+    reference_state = reference.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reference_state[name]), name
+    ids = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(_our_logits(model, ids), _our_logits(reference, ids))
+    if tie:
+        assert model.out_head.weight is model.tok_emb.weight
