@@ -9,6 +9,7 @@ it is put in place, so a partial or corrupt file never lands where the series lo
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -202,7 +203,7 @@ def _fetch_from_network(entry: Dataset, target: Path, progress: bool) -> None:
             raw = Path(scratch) / "download"
             try:
                 _download(url, raw, progress)
-            except OSError as error:  # URLError, timeouts and HTTP errors are all OSErrors
+            except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, a connection cut short
                 failures.append(f"{url}: {error}")
                 continue
             if entry.zip_member is not None:

@@ -1,0 +1,279 @@
+"""helpers.generate: greedy and sampled decoding, the KV-cache path, stopping, and text conversion."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from helpers.generate import generate, sample_next_token, text_to_token_ids, token_ids_to_text
+from helpers.model import GPTModel
+
+
+def seeded_model(cfg, seed: int = 123) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(cfg).eval()
+
+
+def prompts(cfg, batch: int, n_tokens: int, seed: int = 7) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (batch, n_tokens), generator=torch.Generator().manual_seed(seed))
+
+
+# -- the KV cache gives the same tokens ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("context_length", "context_size", "prompt_length"),
+    [(64, None, 5), (16, None, 5), (64, 8, 5), (16, None, 20)],
+    ids=["within-context", "past-context-length", "context-size-below-model", "prompt-longer-than-context"],
+)
+def test_cached_generation_equals_uncached(tiny_cfg, context_length, context_size, prompt_length):
+    # given a model and a batch of several prompts; 5 + 50 tokens exceed 16 and 8 but not 64
+    model = seeded_model(dataclasses.replace(tiny_cfg, context_length=context_length))
+    idx = prompts(tiny_cfg, batch=3, n_tokens=prompt_length)
+    # when
+    cached = generate(model, idx, max_new_tokens=50, context_size=context_size, use_cache=True)
+    uncached = generate(model, idx, max_new_tokens=50, context_size=context_size, use_cache=False)
+    # then
+    assert cached.shape == (3, prompt_length + 50)
+    assert torch.equal(cached[:, :prompt_length], idx)
+    assert torch.equal(cached, uncached)
+
+
+def test_cached_generation_feeds_one_new_token_per_call_until_the_window_overflows(tiny_cfg, tiny_model):
+    # given a hook recording how many tokens each model call receives
+    seen: list[int] = []
+    handle = tiny_model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    prompt_length, context = 4, tiny_cfg.context_length
+    try:
+        # when generating beyond the context window
+        generate(tiny_model, prompts(tiny_cfg, 2, prompt_length), max_new_tokens=20, use_cache=True)
+    finally:
+        handle.remove()
+    # then the prompt is run once, each later call sees one token until the cache is full,
+    # and then the cache is rebuilt from the cropped window
+    n_single = context - prompt_length
+    assert len(seen) == 20
+    assert seen[0] == prompt_length
+    assert seen[1 : 1 + n_single] == [1] * n_single
+    assert seen[1 + n_single] == context
+    assert max(seen) <= context
+
+
+def test_uncached_generation_runs_the_whole_window_each_step(tiny_cfg, tiny_model):
+    seen: list[int] = []
+    handle = tiny_model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        generate(tiny_model, prompts(tiny_cfg, 1, 4), max_new_tokens=16, use_cache=False)
+    finally:
+        handle.remove()
+    assert seen == [min(4 + step, tiny_cfg.context_length) for step in range(16)]
+
+
+def test_greedy_generation_picks_the_argmax_of_the_full_forward(tiny_cfg, tiny_model):
+    idx = prompts(tiny_cfg, 2, 6)
+    out = generate(tiny_model, idx, max_new_tokens=3)
+    with torch.no_grad():
+        for step in range(3):
+            context = out[:, : 6 + step]
+            assert torch.equal(out[:, 6 + step], tiny_model(context)[:, -1].argmax(dim=-1))
+
+
+# -- sampling ----------------------------------------------------------------------------------------
+
+
+def test_top_k_one_with_temperature_equals_greedy(tiny_cfg, tiny_model):
+    idx = prompts(tiny_cfg, 3, 5)
+    greedy = generate(tiny_model, idx, max_new_tokens=30)
+    torch.manual_seed(0)
+    sampled = generate(tiny_model, idx, max_new_tokens=30, temperature=1.5, top_k=1)
+    assert torch.equal(sampled, greedy)
+
+
+def test_tiny_top_p_equals_greedy(tiny_cfg, tiny_model):
+    idx = prompts(tiny_cfg, 3, 5)
+    greedy = generate(tiny_model, idx, max_new_tokens=30)
+    torch.manual_seed(0)
+    sampled = generate(tiny_model, idx, max_new_tokens=30, temperature=1.0, top_p=1e-6)
+    assert torch.equal(sampled, greedy)
+
+
+def test_sampling_is_reproducible_under_manual_seed(tiny_cfg, tiny_model):
+    idx = prompts(tiny_cfg, 2, 5)
+
+    def sample(seed):
+        torch.manual_seed(seed)
+        return generate(tiny_model, idx, max_new_tokens=25, temperature=1.0, top_k=50)
+
+    assert torch.equal(sample(42), sample(42))
+    assert not torch.equal(sample(42), sample(43))  # the sample really depends on the seed
+
+
+def test_sampling_with_a_generator_is_reproducible_and_ignores_the_global_seed(tiny_cfg, tiny_model):
+    idx = prompts(tiny_cfg, 2, 5)
+
+    def sample(generator_seed, global_seed):
+        torch.manual_seed(global_seed)
+        generator = torch.Generator().manual_seed(generator_seed)
+        return generate(tiny_model, idx, max_new_tokens=25, temperature=1.0, top_p=0.95, generator=generator)
+
+    assert torch.equal(sample(7, global_seed=1), sample(7, global_seed=2))
+    assert not torch.equal(sample(7, global_seed=1), sample(8, global_seed=1))
+
+
+def test_sampled_cached_generation_equals_uncached_for_the_same_generator(tiny_cfg, tiny_model):
+    idx = prompts(tiny_cfg, 2, 5)
+    kwargs = dict(max_new_tokens=30, temperature=0.8, top_k=20)
+    cached = generate(tiny_model, idx, use_cache=True, generator=torch.Generator().manual_seed(3), **kwargs)
+    uncached = generate(tiny_model, idx, use_cache=False, generator=torch.Generator().manual_seed(3),
+                        **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_top_k_samples_only_among_the_k_largest_logits():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.5, -1.0, 2.9]])
+    generator = torch.Generator().manual_seed(0)
+    draws = {sample_next_token(logits, 1.0, top_k=3, generator=generator).item() for _ in range(500)}
+    assert draws == {1, 3, 5}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    # probabilities 0.5, 0.3, 0.15, 0.05: with top_p=0.6 the first two are needed, and suffice
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    generator = torch.Generator().manual_seed(0)
+    draws = [sample_next_token(logits, 1.0, top_p=0.6, generator=generator).item() for _ in range(2000)]
+    assert set(draws) == {0, 1}
+    assert draws.count(0) / len(draws) == pytest.approx(0.5 / 0.8, abs=0.05)
+
+
+def test_temperature_zero_is_argmax_per_row():
+    logits = torch.tensor([[0.1, 0.7, 0.2], [5.0, -1.0, 4.9]])
+    assert sample_next_token(logits).tolist() == [[1], [0]]
+
+
+# -- stopping at eos ---------------------------------------------------------------------------------
+
+
+class ScriptedModel(nn.Module):
+    """Emits, for each row, a fixed sequence of next tokens (then ``filler``)."""
+
+    def __init__(self, script: list[list[int]], prompt_length: int, vocab_size: int = 10, filler: int = 7):
+        super().__init__()
+        self.cfg = SimpleNamespace(context_length=64)
+        self.script, self.prompt_length = script, prompt_length
+        self.vocab_size, self.filler = vocab_size, filler
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        batch, n_tokens = idx.shape
+        step = n_tokens - self.prompt_length
+        logits = torch.zeros(batch, n_tokens, self.vocab_size)
+        for row in range(batch):
+            planned = self.script[row]
+            logits[row, -1, planned[step] if step < len(planned) else self.filler] = 10.0
+        return logits
+
+
+def test_eos_stops_when_every_sequence_has_produced_it_and_pads_finished_ones():
+    # given three rows that emit eos (2) after 2, 5 and 2 new tokens, and other tokens afterwards
+    eos = 2
+    model = ScriptedModel([[5, eos, 8, 8, 8, 8], [6, 6, 6, 6, eos, 8], [3, eos, 4, 4, 4, 4]], prompt_length=3)
+    idx = torch.tensor([[1, 1, 1], [0, 0, 0], [9, 9, 9]])
+    # when
+    out = generate(model, idx, max_new_tokens=20, eos_id=eos)
+    # then generation stops once the last row has produced eos, and finished rows carry eos only
+    assert out[:, 3:].tolist() == [
+        [5, eos, eos, eos, eos],
+        [6, 6, 6, 6, eos],
+        [3, eos, eos, eos, eos],
+    ]
+
+
+def test_eos_never_produced_runs_max_new_tokens():
+    model = ScriptedModel([[5, 5], [6, 6]], prompt_length=1)
+    out = generate(model, torch.tensor([[1], [2]]), max_new_tokens=6, eos_id=2)
+    assert out.shape == (2, 7)
+
+
+def test_eos_stops_cached_gpt_generation_at_its_first_occurrence(tiny_cfg, tiny_model):
+    # given the greedy continuation of one prompt, and a token that first appears at some step
+    idx = prompts(tiny_cfg, 1, 4)
+    greedy = generate(tiny_model, idx, max_new_tokens=30)[0, 4:].tolist()
+    step = next(i for i in range(2, 30) if greedy[i] not in greedy[:i])
+    # when that token is the eos id
+    out = generate(tiny_model, idx, max_new_tokens=30, eos_id=greedy[step])
+    # then generation ends right after it
+    assert out[0, 4:].tolist() == greedy[: step + 1]
+
+
+# -- refusals ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": 1.0, "top_k": 0}, "top_k"),
+        ({"temperature": 1.0, "top_k": -3}, "top_k"),
+        ({"temperature": 1.0, "top_p": 0.0}, "top_p"),
+        ({"temperature": 1.0, "top_p": 1.5}, "top_p"),
+        ({"temperature": 1.0, "top_p": -0.2}, "top_p"),
+    ],
+)
+def test_invalid_sampling_settings_are_refused(tiny_cfg, tiny_model, kwargs, named):
+    idx = prompts(tiny_cfg, 1, 3)
+    with pytest.raises(ValueError, match=named):
+        generate(tiny_model, idx, max_new_tokens=2, **kwargs)
+    with pytest.raises(ValueError, match=named):
+        sample_next_token(torch.zeros(1, tiny_cfg.vocab_size), **kwargs)
+
+
+def test_context_size_larger_than_the_model_is_refused(tiny_cfg, tiny_model):
+    expected = rf"context_size \(32\).*context_length \({tiny_cfg.context_length}\)"
+    with pytest.raises(ValueError, match=expected):
+        generate(tiny_model, prompts(tiny_cfg, 1, 3), max_new_tokens=2, context_size=32)
+
+
+@pytest.mark.parametrize("shape", [(5,), (1, 0)])
+def test_prompt_that_is_not_a_batch_of_tokens_is_refused(tiny_model, shape):
+    with pytest.raises(ValueError, match="idx"):
+        generate(tiny_model, torch.zeros(shape, dtype=torch.long), max_new_tokens=2)
+
+
+# -- text conversion ---------------------------------------------------------------------------------
+
+
+def test_text_to_token_ids_and_back_round_trips(gpt2_tok, tiktoken_gpt2):
+    text = "Every effort moves you<|endoftext|> In the sunlit terraces"
+    ids = text_to_token_ids(text, gpt2_tok)
+    assert ids.shape == (1, len(ids[0])) and ids.dtype == torch.long
+    assert ids[0].tolist() == tiktoken_gpt2.encode(text, allowed_special={"<|endoftext|>"})
+    assert 50256 in ids[0].tolist()
+    assert token_ids_to_text(ids, gpt2_tok) == text
+    assert token_ids_to_text(ids[0], gpt2_tok) == text
+
+
+@given(st.text(max_size=200))
+def test_text_round_trip_holds_for_any_text(gpt2_tok, text):
+    assert token_ids_to_text(text_to_token_ids(text, gpt2_tok), gpt2_tok) == text
+
+
+def test_token_ids_to_text_refuses_a_batch(gpt2_tok):
+    ids = torch.tensor([[15496, 11], [15496, 11]])
+    with pytest.raises(ValueError, match="batch of 2"):
+        token_ids_to_text(ids, gpt2_tok)
+
+
+def test_generation_decodes_to_text_that_starts_with_the_prompt(gpt2_tok):
+    # a model with GPT-2's vocabulary, so its ids decode with the real tokenizer
+    from helpers.model import GPTConfig
+
+    model = seeded_model(GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=1))
+    prompt = "Every effort moves you"
+    out = generate(model, text_to_token_ids(prompt, gpt2_tok), max_new_tokens=6)
+    assert out.shape == (1, len(gpt2_tok.encode(prompt)) + 6)
+    assert token_ids_to_text(out, gpt2_tok).startswith(prompt)

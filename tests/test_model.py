@@ -1,0 +1,150 @@
+"""helpers.model: GPTConfig, GPTModel, its parameter counts and its KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from helpers.model import GPT_CONFIGS, GPTConfig, GPTModel, count_parameters
+
+# The published sizes of OpenAI's GPT-2 models: untied (separate output head) and tied.
+PUBLISHED_PARAMETER_COUNTS = {
+    "gpt2": (163_009_536, 124_412_160),
+    "gpt2-medium": (406_212_608, 354_749_440),
+    "gpt2-large": (838_220_800, 773_891_840),
+    "gpt2-xl": (1_637_792_000, 1_557_380_800),
+}
+
+
+def test_gpt_model_logits_shape(tiny_cfg, tiny_model):
+    ids = torch.randint(0, tiny_cfg.vocab_size, (3, 11))
+    logits = tiny_model(ids)
+    assert logits.shape == (3, 11, tiny_cfg.vocab_size)
+    assert tiny_model(ids, return_hidden=True).shape == (3, 11, tiny_cfg.emb_dim)
+
+
+def test_gpt_model_is_causal(tiny_cfg, tiny_model):
+    # given two sequences that agree on their first 9 tokens only
+    torch.manual_seed(0)
+    ids = torch.randint(0, tiny_cfg.vocab_size, (2, tiny_cfg.context_length))
+    changed = ids.clone()
+    changed[:, 9:] = (ids[:, 9:] + 1) % tiny_cfg.vocab_size
+    # when
+    with torch.no_grad():
+        logits, logits_changed = tiny_model(ids), tiny_model(changed)
+    # then the logits of the shared prefix are identical; the rest differ
+    torch.testing.assert_close(logits[:, :9], logits_changed[:, :9], rtol=0, atol=0)
+    assert not torch.allclose(logits[:, 9:], logits_changed[:, 9:])
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_PARAMETER_COUNTS))
+def test_gpt2_parameter_counts_match_published_sizes(name):
+    # given the preset, built without allocating memory
+    untied_expected, tied_expected = PUBLISHED_PARAMETER_COUNTS[name]
+    cfg = GPT_CONFIGS[name]
+    with torch.device("meta"):
+        untied = GPTModel(cfg)
+        tied = GPTModel(dataclasses.replace(cfg, tie_weights=True))
+    # then
+    assert untied.tok_emb.weight.device.type == "meta"
+    assert count_parameters(untied) == untied_expected
+    assert count_parameters(untied) - untied.out_head.weight.numel() == tied_expected
+    assert count_parameters(tied) == tied_expected
+    assert tied.out_head.weight is tied.tok_emb.weight
+
+
+def test_gpt2_presets_have_gpt2_sizes():
+    assert {name: (c.emb_dim, c.n_layers, c.n_heads) for name, c in GPT_CONFIGS.items()} == {
+        "gpt2": (768, 12, 12),
+        "gpt2-medium": (1024, 24, 16),
+        "gpt2-large": (1280, 36, 20),
+        "gpt2-xl": (1600, 48, 25),
+    }
+    assert {(c.vocab_size, c.context_length) for c in GPT_CONFIGS.values()} == {(50257, 1024)}
+
+
+def test_tied_weights_stay_tied_after_training_step(tiny_cfg):
+    torch.manual_seed(0)
+    model = GPTModel(dataclasses.replace(tiny_cfg, tie_weights=True))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, tiny_cfg.vocab_size, (2, 8))
+    before = model.tok_emb.weight.detach().clone()
+    model(ids).sum().backward()
+    optimizer.step()
+    assert model.out_head.weight is model.tok_emb.weight
+    assert not torch.equal(model.tok_emb.weight, before)
+
+
+def test_kv_cache_incremental_logits_equal_full_forward(tiny_cfg, tiny_model):
+    # given a full-context sequence
+    torch.manual_seed(1)
+    ids = torch.randint(0, tiny_cfg.vocab_size, (2, tiny_cfg.context_length))
+    with torch.no_grad():
+        full = tiny_model(ids)
+        # when it is fed as a prefix, then chunks, then single tokens through one cache
+        cache = tiny_model.new_kv_cache()
+        pieces, start = [], 0
+        for size in [5, 3, 4, 1, 1, 1, 1]:
+            pieces.append(tiny_model(ids[:, start : start + size], cache))
+            start += size
+    assert start == tiny_cfg.context_length
+    assert cache.length == tiny_cfg.context_length
+    # then the logits are those of the full pass
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_kv_cache_refuses_tokens_beyond_context_length(tiny_cfg, tiny_model):
+    ids = torch.randint(0, tiny_cfg.vocab_size, (1, tiny_cfg.context_length))
+    cache = tiny_model.new_kv_cache()
+    with torch.no_grad():
+        tiny_model(ids, cache)
+        with pytest.raises(ValueError) as caught:
+            tiny_model(ids[:, :1], cache)
+    assert str(tiny_cfg.context_length + 1) in str(caught.value)
+    assert str(tiny_cfg.context_length) in str(caught.value)
+
+
+def test_input_longer_than_context_length_names_both_numbers(tiny_cfg, tiny_model):
+    ids = torch.zeros(1, tiny_cfg.context_length + 1, dtype=torch.long)
+    with pytest.raises(ValueError) as caught:
+        tiny_model(ids)
+    message = str(caught.value)
+    assert f"{tiny_cfg.context_length + 1} tokens" in message
+    assert f"context_length is {tiny_cfg.context_length}" in message
+
+
+def test_config_refuses_emb_dim_not_divisible_by_heads():
+    with pytest.raises(ValueError, match=r"emb_dim \(30\) must be divisible by n_heads \(4\)"):
+        GPTConfig(emb_dim=30, n_heads=4)
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"])
+@pytest.mark.parametrize("value", [0, -8])
+def test_config_refuses_non_positive_sizes(field, value):
+    with pytest.raises(ValueError, match=rf"{field} must be a positive integer, got {value}"):
+        GPTConfig(**{field: value})
+
+
+@pytest.mark.parametrize("drop_rate", [-0.1, 1.0, 1.5])
+def test_config_refuses_drop_rate_outside_unit_interval(drop_rate):
+    with pytest.raises(ValueError, match="drop_rate"):
+        GPTConfig(drop_rate=drop_rate)
+
+
+def test_model_accepts_config_as_dict_and_names_unknown_keys(tiny_cfg):
+    model = GPTModel(tiny_cfg.to_dict())
+    assert model.cfg == tiny_cfg
+    with pytest.raises(ValueError, match="emb_size"):
+        GPTModel({**tiny_cfg.to_dict(), "emb_size": 32})
+
+
+def test_initialisation_follows_gpt2(tiny_cfg):
+    torch.manual_seed(0)
+    model = GPTModel(dataclasses.replace(tiny_cfg, n_layers=8, emb_dim=256, vocab_size=2000))
+    residual_std = 0.02 / (2 * 8) ** 0.5
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].att.W_query.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].att.out_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert model.blocks[0].ff.layers[2].weight.std().item() == pytest.approx(residual_std, rel=0.05)
