@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-__all__ = ["CheckpointError", "checkpoint_paths", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "checkpoint_paths", "load_checkpoint", "read_config", "save_checkpoint"]
 
 _STRUCTURAL = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
 
@@ -137,6 +137,18 @@ def _read_header(weights_path: Path) -> tuple[dict[str, list[int]], dict[str, st
             return shapes, handle.metadata() or {}
     except Exception as error:  # safetensors raises its own error type for a damaged header
         raise CheckpointError(f"{weights_path} is truncated or not a safetensors file ({error})") from error
+
+
+def read_config(path: str | os.PathLike) -> dict | None:
+    """The model config saved with a checkpoint (a dict for ``GPTConfig.from_dict``), read from the file header only.
+
+    Lets a caller build the right model before ``load_checkpoint``; None if the model had no config.
+    """
+    weights_path, _ = checkpoint_paths(path)
+    if not weights_path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint file {weights_path} does not exist")
+    _, metadata = _read_header(weights_path)
+    return json.loads(metadata.get("config") or "null")
 
 
 def _check_fits(weights_path: Path, model: nn.Module, stored: dict[str, list[int]], metadata: dict) -> None:

@@ -87,10 +87,15 @@ def compare_samples(models: Mapping[str, nn.Module], prompts: Sequence[str], tok
 
     table: dict[str, list[str]] = {name: [] for name in models}
     for name, model in models.items():
-        for prompt in prompts:
-            if seed is not None:
-                torch.manual_seed(seed)
-            idx = text_to_token_ids(prompt, tokenizer).to(device)
-            out = generate(model.eval(), idx, max_new_tokens, **generate_kwargs)
-            table[name].append(token_ids_to_text(out[:, idx.shape[1]:], tokenizer))
+        was_training = model.training
+        model.eval()
+        try:
+            for prompt in prompts:
+                if seed is not None:
+                    torch.manual_seed(seed)
+                idx = text_to_token_ids(prompt, tokenizer).to(device)
+                out = generate(model, idx, max_new_tokens, **generate_kwargs)
+                table[name].append(token_ids_to_text(out[:, idx.shape[1]:], tokenizer))
+        finally:
+            model.train(was_training)
     return pd.DataFrame(table, index=pd.Index(prompts, name="prompt"))

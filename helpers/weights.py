@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -183,13 +182,14 @@ def _expected_shape(model: GPTModel, ours: str | tuple[str, ...], how: str | Non
 
 
 def _convert(tensor: torch.Tensor, how: str | None) -> list[torch.Tensor]:
+    """Our layout of a GPT-2 tensor, always in memory of its own (never a view of the mapped file)."""
     if how == "t":
         return [tensor.t().contiguous()]
     if how == "split_t":
         return [part.t().contiguous() for part in tensor.chunk(3, dim=1)]
     if how == "split":
-        return [part.contiguous() for part in tensor.chunk(3, dim=0)]
-    return [tensor]
+        return [part.clone() for part in tensor.chunk(3, dim=0)]
+    return [tensor.clone()]
 
 
 def _load_ours(tensors: _Tensors, source: str, device, dtype) -> GPTModel:
@@ -205,7 +205,7 @@ def _load_ours(tensors: _Tensors, source: str, device, dtype) -> GPTModel:
     for name in tensors.names():
         if name not in expected:
             raise WeightsError(f"{source} holds {name}, which GPTModel does not have")
-        state[name] = tensors.get(name).to(device=device, dtype=dtype)
+        state[name] = tensors.get(name).to(device=device, dtype=dtype, copy=True)  # not a view of the file
     if cfg.tie_weights and "tok_emb.weight" not in state and "out_head.weight" in state:
         state["tok_emb.weight"] = state["out_head.weight"]
     return _assign(model, state, source)
@@ -227,8 +227,7 @@ def _assign(model: GPTModel, state: dict[str, torch.Tensor], source: str) -> GPT
 
 
 def load_gpt2(name_or_path: str | os.PathLike, device: torch.device | str | None = None,
-              dtype: torch.dtype | None = None, drop_rate: float | None = None,
-              progress: Callable | None = None) -> GPTModel:
+              dtype: torch.dtype | None = None, drop_rate: float | None = None) -> GPTModel:
     """Return a ``GPTModel`` (in eval mode) holding GPT-2 weights.
 
     ``name_or_path`` is one of ``GPT2_NAMES`` (downloaded from the Hugging Face hub, which caches
@@ -236,7 +235,8 @@ def load_gpt2(name_or_path: str | os.PathLike, device: torch.device | str | None
     ``.safetensors`` file. Both the hub's GPT-2 names (``h.0.attn.c_attn.weight``) and
     ``GPT2LMHeadModel``'s (``transformer.`` prefix) load, as do files saved by this project.
     Tensors are read one at a time from the memory-mapped file into a model built on the meta
-    device, so at most one full copy of the weights is in memory. ``device`` defaults to the CPU,
+    device, so at most one full copy of the weights is in memory (plus the file's pages in the
+    operating system's cache); the parameters never point into the file. ``device`` defaults to the CPU,
     ``dtype`` to the file's; ``drop_rate`` overrides the config's dropout (for finetuning).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
+from helpers.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint, read_config, save_checkpoint
 from helpers.model import GPTConfig, GPTModel
 
 VOCAB = 61
@@ -319,3 +319,15 @@ def test_loading_an_optimizer_from_a_checkpoint_saved_without_one_is_refused(tmp
     model = _model()
     with pytest.raises(CheckpointError, match="no optimizer state"):
         load_checkpoint(tmp_path, model, _adamw(model))
+
+
+def test_read_config_returns_the_saved_config_without_loading_weights(tmp_path):
+    # given a checkpoint of a small model
+    cfg = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=1, drop_rate=0.0, tie_weights=True)
+    save_checkpoint(tmp_path / "ckpt", GPTModel(cfg))
+    # when its config is read from the header
+    config = read_config(tmp_path / "ckpt")
+    # then it rebuilds the same config, and a missing checkpoint is refused by name
+    assert GPTConfig.from_dict(config) == cfg
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        read_config(tmp_path / "nothing-here")
