@@ -323,7 +323,8 @@ def test_loading_an_optimizer_from_a_checkpoint_saved_without_one_is_refused(tmp
 
 def test_read_config_returns_the_saved_config_without_loading_weights(tmp_path):
     # given a checkpoint of a small model
-    cfg = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=1, drop_rate=0.0, tie_weights=True)
+    cfg = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=1, drop_rate=0.0,
+                    tie_weights=True)
     save_checkpoint(tmp_path / "ckpt", GPTModel(cfg))
     # when its config is read from the header
     config = read_config(tmp_path / "ckpt")
