@@ -22,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from helpers.runtime import write_atomically
+
 __all__ = ["CheckpointError", "checkpoint_paths", "load_checkpoint", "read_config", "save_checkpoint"]
 
 _STRUCTURAL = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
@@ -96,15 +98,6 @@ def _restore_rng(states: dict) -> None:
                          "pos": saved["pos"]}, "has_gauss": saved["has_gauss"], "gauss": saved["gauss"]})
 
 
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     **state: Any) -> Path:
     """Save model weights (safetensors), optimizer state, RNG states, config and ``state``; return the weights path.
@@ -125,8 +118,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         "state": state,
     }
     metadata = {"format": "pt", "save_id": save_id, "config": json.dumps(config)}
-    _atomic(state_path, lambda tmp: torch.save(bundle, tmp))
-    _atomic(weights_path, lambda tmp: save_model(_unwrap(model), tmp, metadata=metadata))
+    write_atomically(state_path, lambda tmp: torch.save(bundle, tmp))
+    write_atomically(weights_path, lambda tmp: save_model(_unwrap(model), str(tmp), metadata=metadata))
     return weights_path
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from helpers.runtime import write_atomically
+
 __all__ = ["default_cache_dir", "expand_data_paths", "load_token_cache", "token_batch"]
 
 _TOKENIZER = "gpt2"  # GPT-2's BPE; every id fits in uint16 (50,257 < 65,536)
@@ -89,8 +91,8 @@ def load_token_cache(files: list[Path], cache_dir: Path | None = None, progress:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tokenizer = gpt2_tokenizer()
         total_bytes = sum(path.stat().st_size for path in files)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
+
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
                                               disable=not progress) as bar:
                 for path in files:
@@ -99,9 +101,8 @@ def load_token_cache(files: list[Path], cache_dir: Path | None = None, progress:
                         out.write(np.asarray(tokenizer.encode_ordinary(chunk), dtype=np.uint16).tobytes())
                         bar.update(len(chunk.encode("utf-8", errors="replace")))
                     out.write(np.asarray([tokenizer.eot_token], dtype=np.uint16).tobytes())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        write_atomically(target, write)
         manifest = {"tokenizer": _TOKENIZER, "files": [str(p) for p in files],
                     "tokens": target.stat().st_size // 2}
         target.with_suffix(".json").write_text(json.dumps(manifest, indent=1))

@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.runtime import project_root
+from helpers.runtime import project_root, write_atomically
 
 __all__ = ["DATASETS", "DataError", "Dataset", "data_dir", "fetch"]
 
@@ -161,15 +161,12 @@ def _sha256(path: Path) -> str:
 def _install(source: Path, entry: Dataset, target: Path, origin: str) -> None:
     """Copy ``source`` to ``target`` through a checked temporary file; raise on a bad checksum."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out)
+
+    def copy_and_check(tmp: Path) -> None:
+        shutil.copyfile(source, tmp)
         _verify(tmp, entry, origin)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomically(target, copy_and_check)
 
 
 def _verify(path: Path, entry: Dataset, origin: str) -> None:

@@ -7,7 +7,7 @@ from torch import nn
 
 from helpers.model import GPTModel
 
-__all__ = ["generate", "sample_next_token", "text_to_token_ids", "token_ids_to_text"]
+__all__ = ["filter_logits", "generate", "sample_next_token", "text_to_token_ids", "token_ids_to_text"]
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
@@ -37,28 +37,42 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Return ``logits / temperature`` with everything outside the top-k and the top-p nucleus set to -inf.
+
+    ``softmax`` of the result is the distribution ``sample_next_token`` samples from (temperature > 0).
+    Top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p`` (the most
+    likely token always stays).
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if temperature == 0.0:
+        raise ValueError("temperature 0 means greedy decoding, which has no distribution to filter")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                       top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row of ``logits`` ``(batch, vocab)``; return ids ``(batch, 1)``.
 
-    Temperature 0 is greedy (argmax). Otherwise logits are divided by the temperature, cut to the
-    ``top_k`` largest and then to the smallest set whose probability reaches ``top_p``, and sampled.
+    Temperature 0 is greedy (argmax). Otherwise the logits go through ``filter_logits`` and one
+    token is sampled from their softmax.
     """
     _check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
-        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 

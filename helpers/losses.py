@@ -13,9 +13,9 @@ import torch
 
 __all__ = ["chunked_cross_entropy"]
 
-# Rows per chunk are chosen so that one chunk's logits hold about this many floats (~32 MB):
+# Rows per chunk are chosen so that one chunk's logits hold about this many floats (~128 MB in float32):
 # small enough to stay cheap to allocate and reuse, large enough to keep matmuls efficient.
-_CHUNK_ELEMENTS = 1 << 23
+_CHUNK_ELEMENTS = 1 << 25
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -40,42 +40,49 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             weight_c = weight.to(dtype)
             valid = targets != ignore_index
-            n_valid = valid.sum().clamp(min=1)
+            n_valid = valid.sum()
+            scale = 1.0 / n_valid.clamp(min=1).float()  # the mean's 1/N, applied to each chunk's gradient
             loss_sum = torch.zeros((), device=hidden.device, dtype=torch.float32)
-            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            grad_hidden = torch.empty_like(hidden, dtype=dtype) if ctx.needs_input_grad[0] else None
+            # the weight's gradient sums over every chunk: accumulate it in float32 even under autocast
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            rows = next(_chunks(hidden.shape[0], weight.shape[0], chunk_rows))[1]
+            logits_buffer = hidden.new_empty((rows, weight.shape[0]), dtype=dtype)  # reused by every chunk
             for start, end in _chunks(hidden.shape[0], weight.shape[0], chunk_rows):
                 hidden_c = hidden[start:end].to(dtype)
                 rows_valid = valid[start:end]
                 safe_targets = targets[start:end].clamp(min=0)[:, None]
-                logits = (hidden_c @ weight_c.T).float()  # (rows, vocab)
-                log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+                logits = torch.mm(hidden_c, weight_c.T, out=logits_buffer[: end - start]).float()  # (rows, vocab)
                 target_logits = logits.gather(1, safe_targets)
-                loss_sum += ((log_norm - target_logits).squeeze(1) * rows_valid).sum()
-                # d(loss)/d(logits) = softmax - one_hot(target), zero on ignored rows (scaled below)
-                grad_logits = logits.sub_(log_norm).exp_()
-                grad_logits.scatter_add_(1, safe_targets, -torch.ones_like(target_logits))
-                grad_logits.mul_(rows_valid[:, None])
+                row_max = logits.amax(dim=-1, keepdim=True)
+                # one pass of exp serves both the loss and the gradient: exp(logits - max), in place
+                exps = logits.sub_(row_max).exp_()
+                sums = exps.sum(dim=-1, keepdim=True)
+                loss_sum += ((sums.log() + row_max - target_logits).squeeze(1) * rows_valid).sum()
+                # d(mean loss)/d(logits) = (softmax - one_hot(target)) / N, zero on ignored rows
+                row_weight = rows_valid[:, None] * scale
+                grad_logits = exps.mul_(row_weight / sums)
+                grad_logits.scatter_add_(1, safe_targets, -row_weight.expand_as(target_logits))
                 grad_logits = grad_logits.to(dtype)
                 if grad_hidden is not None:
-                    grad_hidden[start:end] = grad_logits @ weight_c
-                if grad_weight is not None:
+                    torch.mm(grad_logits, weight_c, out=grad_hidden[start:end])
+                if grad_weight is not None and dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.T, hidden_c)  # in place: no (vocab, emb_dim) temporary
+                elif grad_weight is not None:
                     grad_weight += (grad_logits.T @ hidden_c).float()
-        scale = 1.0 / n_valid
-        ctx.save_for_backward(
-            grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
-            (grad_weight * scale).to(weight.dtype) if grad_weight is not None else None,
-        )
-        return loss_sum / n_valid if bool(valid.any()) else loss_sum * float("nan")
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        loss = loss_sum * scale
+        return loss if bool(valid.any()) else loss * float("nan")
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (
-            grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None,
-            grad_weight * grad_loss.to(grad_weight.dtype) if grad_weight is not None else None,
-            None, None, None,
-        )
+        # the gradients were computed for d(loss) = 1; scale them in place by the incoming gradient
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None
 
 
 @torch.no_grad()

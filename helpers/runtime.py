@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,25 @@ def project_root() -> Path | None:
     return root if (root / "pyproject.toml").is_file() else None
 
 
+def write_atomically(target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file beside ``target``, then rename it into place.
+
+    An interrupted or failing write leaves ``target`` as it was and no temporary file behind. The
+    new file gets the usual permissions (0666 minus the umask; some writers create 0600 files).
+    """
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def _results_dir() -> Path:
     configured = os.environ.get("LLM_RESULTS_DIR")
     if configured:
@@ -63,8 +83,5 @@ def record_results(notebook: str, numbers: dict[str, Any]) -> Path:
     """
     folder = _results_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{notebook}.json"
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"notebook": notebook, "quick": quick_mode(), **numbers}, indent=2, default=str))
-    os.replace(tmp, target)
-    return target
+    document = json.dumps({"notebook": notebook, "quick": quick_mode(), **numbers}, indent=2, default=str)
+    return write_atomically(folder / f"{notebook}.json", lambda tmp: tmp.write_text(document))

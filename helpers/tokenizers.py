@@ -13,6 +13,8 @@ from typing import Literal
 
 import regex
 
+from helpers.runtime import write_atomically
+
 __all__ = [
     "BPETokenizer",
     "GPT2_SPLIT_PATTERN",
@@ -379,10 +381,8 @@ class BPETokenizer:
             "merges": [f"{_printable(self.vocab[a])} {_printable(self.vocab[b])}" for a, b in self.merges],
             "special_tokens": self.special_tokens,
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(document, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        text = json.dumps(document, ensure_ascii=False, indent=1)
+        return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BPETokenizer:

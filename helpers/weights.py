@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from helpers.model import GPTConfig, GPTModel
+from helpers.runtime import write_atomically
 
 __all__ = ["GPT2_NAMES", "WeightsError", "load_gpt2", "save_hf_gpt2"]
 
@@ -331,9 +332,6 @@ def save_hf_gpt2(model: GPTModel, directory: str | os.PathLike) -> Path:
         prefix = "" if hf_name == "lm_head.weight" else "transformer."
         tensors[prefix + hf_name] = tensor.contiguous().clone()
     weights, config = directory / "model.safetensors", directory / "config.json"
-    for target, write in ((weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
-                          (config, lambda tmp: Path(tmp).write_text(json.dumps(_hf_config(cfg), indent=2)))):
-        tmp = target.with_name(f".{target.name}.tmp")
-        write(str(tmp))
-        os.replace(tmp, target)
+    write_atomically(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_atomically(config, lambda tmp: tmp.write_text(json.dumps(_hf_config(cfg), indent=2)))
     return directory

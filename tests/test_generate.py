@@ -277,3 +277,21 @@ def test_generation_decodes_to_text_that_starts_with_the_prompt(gpt2_tok):
     out = generate(model, text_to_token_ids(prompt, gpt2_tok), max_new_tokens=6)
     assert out.shape == (1, len(gpt2_tok.encode(prompt)) + 6)
     assert token_ids_to_text(out, gpt2_tok).startswith(prompt)
+
+
+def test_filter_logits_keeps_the_top_k_and_the_top_p_nucleus():
+    # given logits whose probabilities are known: 0.5, 0.25, 0.125, 0.0625, 0.0625
+    probs = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]])
+    logits = probs.log()
+    # when filtered
+    from helpers.generate import filter_logits
+
+    top_2 = filter_logits(logits, top_k=2)
+    nucleus = filter_logits(logits, top_p=0.7)  # 0.5 < 0.7 <= 0.75: the first two tokens
+    hotter = filter_logits(logits, temperature=2.0)
+    # then exactly the expected tokens survive, and temperature divides the logits
+    assert torch.isfinite(top_2).tolist() == [[True, True, False, False, False]]
+    assert torch.isfinite(nucleus).tolist() == [[True, True, False, False, False]]
+    torch.testing.assert_close(hotter, logits / 2.0)
+    with pytest.raises(ValueError, match="greedy"):
+        filter_logits(logits, temperature=0.0)
