@@ -39,7 +39,7 @@ test-helpers: setup
 	LLM_QUICK=1 $(BIN)/python -m pytest tests -p no:cacheprovider
 
 test-notebooks: setup
-	LLM_QUICK=1 $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 \
+	LLM_QUICK=1 LLM_RESULTS_DIR=$(CURDIR)/runs/test-results $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 \
 		-p no:cacheprovider $(NOTEBOOKS)
 
 lab: setup
