@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from helpers.model import GPTConfig, GPTModel
@@ -103,32 +103,58 @@ def _local_files(path: Path) -> tuple[Path | None, list[Path]]:
 # reading
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class _Tensors:
-    """Lazy access to the tensors of one or more safetensors files, by normalised GPT-2 name."""
+    """The tensors of one or more safetensors files, by normalised GPT-2 name, read one at a time.
+
+    A safetensors file is an 8-byte header length, a JSON header (dtype, shape and byte range of
+    every tensor) and the raw bytes. ``get`` reads one tensor's bytes straight into a fresh tensor,
+    so loading holds one copy of the weights and no mapping of the file.
+    """
 
     def __init__(self, files: list[Path]):
-        self.handles, self.where, self.metadata = [], {}, {}
+        self.where: dict[str, tuple[Path, int, dict]] = {}
+        self.metadata: dict[str, str] = {}
         for file in files:
             try:
-                handle = safe_open(str(file), framework="pt")
-            except Exception as error:  # a damaged header raises safetensors' own error type
+                size = file.stat().st_size
+                with open(file, "rb") as handle:
+                    header_length = struct.unpack("<Q", handle.read(8))[0]
+                    if header_length > size - 8:
+                        raise ValueError(f"the header claims {header_length} bytes but the file has {size}")
+                    header = json.loads(handle.read(header_length))
+            except (OSError, ValueError, struct.error) as error:
                 raise WeightsError(f"{file} is truncated or not a safetensors file ({error})") from error
-            self.handles.append(handle)
-            self.metadata.update(handle.metadata() or {})
-            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                name = key.removeprefix("transformer.")
-                self.where[name] = (handle, key, file)
+            self.metadata.update(header.pop("__metadata__", None) or {})
+            data_start = 8 + header_length
+            for key, info in header.items():
+                if info["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise WeightsError(f"{file}: {key} has dtype {info['dtype']}, which this loader does not read")
+                if data_start + info["data_offsets"][1] > size:
+                    raise WeightsError(f"{file} is truncated: {key} ends past the end of the file")
+                self.where[key.removeprefix("transformer.")] = (file, data_start, info)
 
     def names(self) -> set[str]:
         return set(self.where)
 
     def shape(self, name: str) -> list[int]:
-        handle, key, _ = self.where[name]
-        return list(handle.get_slice(key).get_shape())
+        return list(self.where[name][2]["shape"])
 
     def get(self, name: str) -> torch.Tensor:
-        handle, key, _ = self.where[name]
-        return handle.get_tensor(key)
+        file, data_start, info = self.where[name]
+        start, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+        if end > start:
+            with open(file, "rb") as handle:
+                handle.seek(data_start + start)
+                handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+        return tensor
 
 
 def _config_from(config_path: Path | None, tensors: _Tensors, drop_rate: float | None) -> GPTConfig:
@@ -183,14 +209,14 @@ def _expected_shape(model: GPTModel, ours: str | tuple[str, ...], how: str | Non
 
 
 def _convert(tensor: torch.Tensor, how: str | None) -> list[torch.Tensor]:
-    """Our layout of a GPT-2 tensor, always in memory of its own (never a view of the mapped file)."""
+    """Our layout of a GPT-2 tensor (``how`` from the name table)."""
     if how == "t":
         return [tensor.t().contiguous()]
     if how == "split_t":
         return [part.t().contiguous() for part in tensor.chunk(3, dim=1)]
     if how == "split":
-        return [part.clone() for part in tensor.chunk(3, dim=0)]
-    return [tensor.clone()]
+        return [part.clone() for part in tensor.chunk(3, dim=0)]  # own storage each, so they save separately
+    return [tensor]
 
 
 def _load_ours(tensors: _Tensors, source: str, device, dtype) -> GPTModel:
@@ -206,7 +232,7 @@ def _load_ours(tensors: _Tensors, source: str, device, dtype) -> GPTModel:
     for name in tensors.names():
         if name not in expected:
             raise WeightsError(f"{source} holds {name}, which GPTModel does not have")
-        state[name] = tensors.get(name).to(device=device, dtype=dtype, copy=True)  # not a view of the file
+        state[name] = tensors.get(name).to(device=device, dtype=dtype)
     if cfg.tie_weights and "tok_emb.weight" not in state and "out_head.weight" in state:
         state["tok_emb.weight"] = state["out_head.weight"]
     return _assign(model, state, source)
@@ -235,9 +261,8 @@ def load_gpt2(name_or_path: str | os.PathLike, device: torch.device | str | None
     and verifies), a folder in Hugging Face layout (``config.json`` + ``model.safetensors``), or a
     ``.safetensors`` file. Both the hub's GPT-2 names (``h.0.attn.c_attn.weight``) and
     ``GPT2LMHeadModel``'s (``transformer.`` prefix) load, as do files saved by this project.
-    Tensors are read one at a time from the memory-mapped file into a model built on the meta
-    device, so at most one full copy of the weights is in memory (plus the file's pages in the
-    operating system's cache); the parameters never point into the file. ``device`` defaults to the CPU,
+    Tensors are read from the file one at a time into a model built on the meta device, so at
+    most one full copy of the weights (plus one tensor in transit) is in memory. ``device`` defaults to the CPU,
     ``dtype`` to the file's; ``drop_rate`` overrides the config's dropout (for finetuning).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -339,3 +339,27 @@ def test_load_gpt2_reads_a_checkpoint_written_by_pretrain(tmp_path, monkeypatch,
     assert torch.equal(_our_logits(model, ids), _our_logits(reference, ids))
     if tie:
         assert model.out_head.weight is model.tok_emb.weight
+
+
+def test_a_loaded_gpt2_saves_and_reloads_as_a_training_checkpoint(pretrained_dir, tmp_path):
+    # given GPT-2 weights loaded into our model (q, k, v split out of one fused tensor)
+    from helpers.checkpoint import load_checkpoint, save_checkpoint
+
+    model = load_gpt2(pretrained_dir)
+    # when it is saved as a training checkpoint (as finetuning does) and loaded into a fresh model
+    save_checkpoint(tmp_path / "finetuned", model)
+    fresh = GPTModel(model.cfg)
+    load_checkpoint(tmp_path / "finetuned", fresh)
+    # then every tensor comes back unchanged
+    for (name, before), after in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(before, after), name
+
+
+def test_a_truncated_weight_file_is_refused_naming_it(pretrained_dir, tmp_path):
+    # given a copy of the weights cut short
+    data = (pretrained_dir / "model.safetensors").read_bytes()
+    (tmp_path / "config.json").write_bytes((pretrained_dir / "config.json").read_bytes())
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    # when loaded, then the error names the file and says it is truncated
+    with pytest.raises(WeightsError, match="truncated"):
+        load_gpt2(tmp_path)
