@@ -148,3 +148,57 @@ def test_initialisation_follows_gpt2(tiny_cfg):
     assert model.blocks[0].att.W_query.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.blocks[0].att.out_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
     assert model.blocks[0].ff.layers[2].weight.std().item() == pytest.approx(residual_std, rel=0.05)
+
+
+def _is_input_major(weight: torch.Tensor) -> bool:
+    return weight.t().is_contiguous()
+
+
+def test_block_matrices_are_stored_input_major_with_linear_shapes(tiny_cfg, tiny_model):
+    matrices = {name: p for name, p in tiny_model.named_parameters() if name.startswith("blocks.") and p.dim() == 2}
+    assert len(matrices) == tiny_cfg.n_layers * 6  # query, key, value, out_proj and the two feed-forward layers
+    for name, weight in matrices.items():
+        assert _is_input_major(weight), name
+    assert tiny_model.blocks[0].ff.layers[0].weight.shape == (4 * tiny_cfg.emb_dim, tiny_cfg.emb_dim)
+    assert tiny_model.tok_emb.weight.is_contiguous()
+
+
+def test_input_major_layout_changes_no_result_and_survives_a_training_step(tiny_cfg):
+    # given the same weights stored both ways: GPTModel's input-major layout and nn.Linear's default
+    torch.manual_seed(3)
+    ours = GPTModel(dataclasses.replace(tiny_cfg, drop_rate=0.0))
+    default_layout = GPTModel(ours.cfg)
+    default_layout.load_state_dict({k: v.contiguous().clone() for k, v in ours.state_dict().items()}, assign=True)
+    assert not _is_input_major(default_layout.blocks[0].att.W_query.weight)
+    ids = torch.randint(0, tiny_cfg.vocab_size, (2, 12))
+
+    # when both take the same AdamW step
+    steps = []
+    for model in (ours, default_layout):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        steps.append((loss.item(), model))
+
+    # then losses, gradients and updated weights agree, and ours is still input-major
+    assert steps[0][0] == pytest.approx(steps[1][0], abs=1e-6)
+    for (name, a), b in zip(ours.named_parameters(), default_layout.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert _is_input_major(ours.blocks[-1].ff.layers[2].weight)
+    assert _is_input_major(ours.blocks[-1].ff.layers[2].weight.grad)
+
+
+def test_use_input_major_weights_converts_back_a_model_loaded_with_assign(tiny_cfg, tiny_model):
+    from helpers.model import use_input_major_weights
+
+    model = GPTModel(tiny_cfg)
+    model.load_state_dict({k: v.contiguous().clone() for k, v in tiny_model.state_dict().items()}, assign=True)
+    assert use_input_major_weights(model) is model
+    for name, weight in model.named_parameters():
+        if name.startswith("blocks.") and weight.dim() == 2:
+            assert _is_input_major(weight) and weight.requires_grad, name
+    ids = torch.randint(0, tiny_cfg.vocab_size, (1, 10))
+    tiny_model.eval(), model.eval()
+    torch.testing.assert_close(model(ids), tiny_model(ids))
