@@ -51,8 +51,10 @@ def run(notebooks: list[Path], out_dir: Path, kernel: str) -> int:
     for path in notebooks:
         print(f"-> {path.name} ...", flush=True)
         notebook = nbformat.read(path, as_version=4)
+        # the kernel's own log level: ERROR hides its start-up warning about unencrypted local TCP
         client = NotebookClient(notebook, timeout=None, kernel_name=kernel,
-                                resources={"metadata": {"path": str(path.parent)}})
+                                resources={"metadata": {"path": str(path.parent)}},
+                                extra_arguments=["--IPKernelApp.log_level=ERROR"])
         start = time.perf_counter()
         failure = None
         try:
@@ -69,7 +71,8 @@ def run(notebooks: list[Path], out_dir: Path, kernel: str) -> int:
             print(f"\n{path.name} failed; the failing cell and its error:\n{failure}", file=sys.stderr)
             exit_code = 1
             break
-    summary = _table(rows)
+    total = sum(float(seconds.split()[0]) for _, seconds, _, _ in rows)
+    summary = _table(rows) + f"\n\ntotal: {total / 60:.1f} minutes for {len(rows)} notebooks"
     (out_dir / "summary.md").write_text(summary + "\n")
     print("\n" + summary)
     return exit_code
