@@ -1,0 +1,58 @@
+"""scripts/run_series.py, the runner behind `make run`: order, summary table, stop on the first failure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _notebook(path: Path, *sources: str) -> Path:
+    nbformat.write(new_notebook(cells=[new_code_cell(source) for source in sources]), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def series_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("series")
+    record = "from helpers import record_results\nrecord_results('a_first', {'answer': 42, 'ratio': 0.123456})"
+    first = _notebook(folder / "a_first.ipynb", record, "print('first done')")
+    failing = _notebook(folder / "b_failing.ipynb", "x = 1", "raise ValueError('broken on purpose')", "print('never')")
+    never = _notebook(folder / "c_never.ipynb", "print('should not run')")
+    out = folder / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_series.py"), str(first), str(failing),
+                             str(never), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    return result, out
+
+
+def test_a_failing_notebook_stops_the_run_with_its_cell_and_error(series_run):
+    result, out = series_run
+    assert result.returncode == 1
+    assert "b_failing.ipynb failed" in result.stderr
+    assert "raise ValueError('broken on purpose')" in result.stderr and "ValueError" in result.stderr
+    assert not (out / "c_never.ipynb").exists()  # the run stopped at the failure
+
+
+def test_the_summary_lists_time_result_and_recorded_numbers(series_run):
+    result, out = series_run
+    summary = (out / "summary.md").read_text()
+    assert summary == result.stdout[result.stdout.index("| notebook |"):]
+    rows = {line.split("|")[1].strip(): line for line in summary.splitlines() if line.startswith("| a_") or
+            line.startswith("| b_")}
+    assert set(rows) == {"a_first", "b_failing"}
+    assert "| pass |" in rows["a_first"] and "answer=42, ratio=0.1235" in rows["a_first"]
+    assert "| FAIL |" in rows["b_failing"]
+    assert json.loads((out / "results" / "a_first.json").read_text())["answer"] == 42
+
+
+def test_executed_copies_keep_their_outputs(series_run):
+    _, out = series_run
+    executed = nbformat.read(out / "a_first.ipynb", as_version=4)
+    assert executed.cells[1].outputs[0]["text"] == "first done\n"
