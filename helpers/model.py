@@ -143,7 +143,6 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
-        use_input_major_weights(self)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -198,14 +197,19 @@ class GPTModel(nn.Module):
 
 
 def use_input_major_weights(model: GPTModel) -> GPTModel:
-    """Store every matrix of the transformer blocks input-major, ``(in, out)`` in memory; return ``model``.
+    """Lay out every matrix of the transformer blocks input-major, ``(in, out)`` in memory; return ``model``.
 
-    The parameters keep ``nn.Linear``'s ``(out, in)`` shape and their values; only the memory order
-    changes (each is the transpose of a contiguous ``(in, out)`` tensor, the layout of GPT-2's own
-    checkpoints). Generating a token multiplies one vector by each matrix, and on CPUs that product
-    reads an input-major matrix faster: 1.1x for a whole 124M decoding step on our 2-core test machine
-    (``benchmarks/generation.py``). ``GPTModel`` does this itself; call it again after replacing
-    parameters wholesale (``load_state_dict(..., assign=True)``). Matrices already input-major are left alone.
+    An option for generating on a CPU. The parameters keep ``nn.Linear``'s ``(out, in)`` shape and
+    their values; only the memory order changes (each becomes the transpose of a contiguous
+    ``(in, out)`` tensor, the layout of GPT-2's Conv1D). Decoding one token multiplies a single vector
+    by each matrix, and with MKL that product reads an input-major matrix faster: cached generation of
+    the 124M model runs 1.1x faster on our 2-core AMD test machine (``benchmarks/generation.py``); other
+    CPUs and BLAS libraries may gain less or nothing.
+
+    Not the default, because the parameters stop being contiguous: ``param.view(-1)``, and with it
+    ``torch.nn.utils.parameters_to_vector``, raises, and ``safetensors.torch.save_file(model.state_dict())``
+    refuses them. ``helpers.checkpoint.save_checkpoint`` and ``helpers.weights.save_hf_gpt2`` still work.
+    Matrices already input-major are left alone.
     """
     for module in model.blocks.modules():
         if isinstance(module, nn.Linear) and module.weight.stride() != (1, module.weight.shape[0]):

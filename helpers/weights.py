@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from helpers.model import GPTConfig, GPTModel, use_input_major_weights
+from helpers.model import GPTConfig, GPTModel
 from helpers.runtime import write_atomically
 
 __all__ = ["GPT2_NAMES", "WeightsError", "load_gpt2", "save_hf_gpt2"]
@@ -210,10 +210,10 @@ def _expected_shape(model: GPTModel, ours: str | tuple[str, ...], how: str | Non
 
 def _convert(tensor: torch.Tensor, how: str | None) -> list[torch.Tensor]:
     """Our layout of a GPT-2 tensor (``how`` from the name table)."""
-    if how == "t":  # GPT-2 stores (in, out): its transpose is already the input-major layout we keep
-        return [tensor.t()]
+    if how == "t":
+        return [tensor.t().contiguous()]
     if how == "split_t":
-        return [part.contiguous().t() for part in tensor.chunk(3, dim=1)]
+        return [part.t().contiguous() for part in tensor.chunk(3, dim=1)]
     if how == "split":
         return [part.clone() for part in tensor.chunk(3, dim=0)]  # own storage each, so they save separately
     return [tensor]
@@ -232,10 +232,7 @@ def _load_ours(tensors: _Tensors, source: str, device, dtype) -> GPTModel:
     for name in tensors.names():
         if name not in expected:
             raise WeightsError(f"{source} holds {name}, which GPTModel does not have")
-        tensor = tensors.get(name).to(device=device, dtype=dtype)
-        if name.startswith("blocks.") and tensor.dim() == 2:  # a block's matrix: input-major, as GPTModel keeps it
-            tensor = tensor.t().contiguous().t()
-        state[name] = tensor
+        state[name] = tensors.get(name).to(device=device, dtype=dtype)
     if cfg.tie_weights and "tok_emb.weight" not in state and "out_head.weight" in state:
         state["tok_emb.weight"] = state["out_head.weight"]
     return _assign(model, state, source)
@@ -251,7 +248,6 @@ def _assign(model: GPTModel, state: dict[str, torch.Tensor], source: str) -> GPT
             raise WeightsError(f"{source}: {name} has shape {list(state[name].shape)}, the model needs "
                                f"{list(param.shape)}")
     model.load_state_dict(state, strict=True, assign=True)
-    use_input_major_weights(model)  # a no-op for GPT-2's files; our own checkpoints store (out, in)
     if model.cfg.tie_weights:
         model.out_head.weight = model.tok_emb.weight
     return model.eval()

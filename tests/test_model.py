@@ -154,51 +154,75 @@ def _is_input_major(weight: torch.Tensor) -> bool:
     return weight.t().is_contiguous()
 
 
-def test_block_matrices_are_stored_input_major_with_linear_shapes(tiny_cfg, tiny_model):
-    matrices = {name: p for name, p in tiny_model.named_parameters() if name.startswith("blocks.") and p.dim() == 2}
+def test_parameters_are_contiguous_by_default_so_common_tools_work(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    assert all(p.is_contiguous() for p in tiny_model.parameters())
+    vector = torch.nn.utils.parameters_to_vector(tiny_model.parameters())  # uses view(-1)
+    assert vector.numel() == count_parameters(tiny_model)
+    state = {k: v for k, v in tiny_model.state_dict().items() if k != "out_head.weight"}
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    assert torch.equal(load_file(str(tmp_path / "plain.safetensors"))["blocks.0.ff.layers.0.weight"],
+                       tiny_model.blocks[0].ff.layers[0].weight)
+
+
+def test_use_input_major_weights_relays_every_block_matrix_and_nothing_else(tiny_cfg):
+    from helpers.model import use_input_major_weights
+
+    model = GPTModel(tiny_cfg)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert use_input_major_weights(model) is model
+    matrices = {name: p for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2}
     assert len(matrices) == tiny_cfg.n_layers * 6  # query, key, value, out_proj and the two feed-forward layers
-    for name, weight in matrices.items():
-        assert _is_input_major(weight), name
-    assert tiny_model.blocks[0].ff.layers[0].weight.shape == (4 * tiny_cfg.emb_dim, tiny_cfg.emb_dim)
-    assert tiny_model.tok_emb.weight.is_contiguous()
+    for name, weight in model.named_parameters():
+        assert torch.equal(weight, before[name]), name
+        assert _is_input_major(weight) if name in matrices else weight.is_contiguous(), name
+    assert model.blocks[0].ff.layers[0].weight.shape == (4 * tiny_cfg.emb_dim, tiny_cfg.emb_dim)
 
 
-def test_input_major_layout_changes_no_result_and_survives_a_training_step(tiny_cfg):
-    # given the same weights stored both ways: GPTModel's input-major layout and nn.Linear's default
+def test_input_major_layout_changes_no_result_and_survives_a_training_step(tiny_cfg, tmp_path):
+    # given the same weights stored both ways: the default layout and the input-major one
+    from helpers.checkpoint import load_checkpoint, save_checkpoint
+    from helpers.model import use_input_major_weights
+
     torch.manual_seed(3)
-    ours = GPTModel(dataclasses.replace(tiny_cfg, drop_rate=0.0))
-    default_layout = GPTModel(ours.cfg)
-    default_layout.load_state_dict({k: v.contiguous().clone() for k, v in ours.state_dict().items()}, assign=True)
-    assert not _is_input_major(default_layout.blocks[0].att.W_query.weight)
+    default_layout = GPTModel(dataclasses.replace(tiny_cfg, drop_rate=0.0))
+    input_major = GPTModel(default_layout.cfg)
+    input_major.load_state_dict(default_layout.state_dict())
+    use_input_major_weights(input_major)
     ids = torch.randint(0, tiny_cfg.vocab_size, (2, 12))
 
     # when both take the same AdamW step
-    steps = []
-    for model in (ours, default_layout):
+    losses = []
+    for model in (input_major, default_layout):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         optimizer.step()
-        steps.append((loss.item(), model))
+        losses.append(loss.item())
 
-    # then losses, gradients and updated weights agree, and ours is still input-major
-    assert steps[0][0] == pytest.approx(steps[1][0], abs=1e-6)
-    for (name, a), b in zip(ours.named_parameters(), default_layout.parameters(), strict=True):
+    # then losses, gradients and updated weights agree, and the layout is kept
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for (name, a), b in zip(input_major.named_parameters(), default_layout.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    assert _is_input_major(ours.blocks[-1].ff.layers[2].weight)
-    assert _is_input_major(ours.blocks[-1].ff.layers[2].weight.grad)
+    assert _is_input_major(input_major.blocks[-1].ff.layers[2].weight)
+
+    # and a checkpoint of the input-major model loads into a default one
+    save_checkpoint(tmp_path / "ckpt", input_major)
+    fresh = GPTModel(input_major.cfg)
+    load_checkpoint(tmp_path / "ckpt", fresh)
+    for (name, a), b in zip(input_major.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b), name
 
 
-def test_use_input_major_weights_converts_back_a_model_loaded_with_assign(tiny_cfg, tiny_model):
+def test_cached_generation_is_the_same_with_input_major_weights(tiny_cfg, tiny_model):
+    import copy
+
+    from helpers.generate import generate
     from helpers.model import use_input_major_weights
 
-    model = GPTModel(tiny_cfg)
-    model.load_state_dict({k: v.contiguous().clone() for k, v in tiny_model.state_dict().items()}, assign=True)
-    assert use_input_major_weights(model) is model
-    for name, weight in model.named_parameters():
-        if name.startswith("blocks.") and weight.dim() == 2:
-            assert _is_input_major(weight) and weight.requires_grad, name
-    ids = torch.randint(0, tiny_cfg.vocab_size, (1, 10))
-    tiny_model.eval(), model.eval()
-    torch.testing.assert_close(model(ids), tiny_model(ids))
+    relaid = use_input_major_weights(copy.deepcopy(tiny_model)).eval()
+    tiny_model.eval()
+    prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 3), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(generate(relaid, prompt, 20), generate(tiny_model, prompt, 20))
