@@ -3,7 +3,7 @@ against transformers' GPT2LMHeadModel.generate with the same weights. Also the c
 a copy with input-major block matrices (helpers.model.use_input_major_weights, an option for CPUs).
 
 Usage: python benchmarks/generation.py [--new-tokens 200] [--rounds 3]
-The three are timed interleaved in one process (median of the rounds); greedy decoding, batch 1.
+All four are timed interleaved in one process (median of the rounds); greedy decoding, batch 1.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def run(notebooks: list[Path], out_dir: Path, kernel: str) -> int:
     os.environ["LLM_RESULTS_DIR"] = str(results_dir)  # the kernels inherit it
     mode = "quick (LLM_QUICK=1)" if os.environ.get("LLM_QUICK") else "full size"
     print(f"executing {len(notebooks)} notebooks at {mode}; executed copies in {out_dir}", flush=True)
-    rows, exit_code = [], 0
+    rows, exit_code, total_seconds = [], 0, 0.0
     for path in notebooks:
         print(f"-> {path.name} ...", flush=True)
         notebook = nbformat.read(path, as_version=4)
@@ -62,6 +62,7 @@ def run(notebooks: list[Path], out_dir: Path, kernel: str) -> int:
         except CellExecutionError as error:
             failure = error
         elapsed = time.perf_counter() - start
+        total_seconds += elapsed
         nbformat.write(notebook, out_dir / path.name)
         result_file = results_dir / f"{path.stem}.json"
         numbers = _headline(json.loads(result_file.read_text())) if result_file.exists() else ""
@@ -71,8 +72,7 @@ def run(notebooks: list[Path], out_dir: Path, kernel: str) -> int:
             print(f"\n{path.name} failed; the failing cell and its error:\n{failure}", file=sys.stderr)
             exit_code = 1
             break
-    total = sum(float(seconds.split()[0]) for _, seconds, _, _ in rows)
-    summary = _table(rows) + f"\n\ntotal: {total / 60:.1f} minutes for {len(rows)} notebooks"
+    summary = _table(rows) + f"\n\ntotal: {total_seconds / 60:.1f} minutes for {len(rows)} notebooks"
     (out_dir / "summary.md").write_text(summary + "\n")
     print("\n" + summary)
     return exit_code
