@@ -9,6 +9,7 @@ shared save id catches a pair that does not belong together.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -22,11 +23,13 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from helpers.runtime import write_atomically
+from helpers.model import GPTConfig
+from helpers.runtime import unwrap_model, write_atomically
 
 __all__ = ["CheckpointError", "checkpoint_paths", "load_checkpoint", "read_config", "save_checkpoint"]
 
-_STRUCTURAL = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_weights")
+# every config field that changes the shapes or sharing of the weights (dropout does not)
+_STRUCTURAL = tuple(field.name for field in dataclasses.fields(GPTConfig) if field.name != "drop_rate")
 
 
 class CheckpointError(ValueError):
@@ -44,18 +47,8 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return weights, weights.with_name(f"{weights.stem}.state.pt")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
-
-
 def _config_of(model: nn.Module) -> dict | None:
-    cfg = getattr(_unwrap(model), "cfg", None)
+    cfg = getattr(unwrap_model(model), "cfg", None)
     return cfg.to_dict() if hasattr(cfg, "to_dict") else None
 
 
@@ -119,7 +112,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     }
     metadata = {"format": "pt", "save_id": save_id, "config": json.dumps(config)}
     write_atomically(state_path, lambda tmp: torch.save(bundle, tmp))
-    write_atomically(weights_path, lambda tmp: save_model(_unwrap(model), str(tmp), metadata=metadata))
+    write_atomically(weights_path, lambda tmp: save_model(unwrap_model(model), str(tmp), metadata=metadata))
     return weights_path
 
 
@@ -153,7 +146,7 @@ def _check_fits(weights_path: Path, model: nn.Module, stored: dict[str, list[int
         if differences:
             raise CheckpointError(f"{weights_path} was saved from a model with a different config ("
                                   + "; ".join(differences) + "); build the model with the saved config")
-    expected = _unwrap(model).state_dict()
+    expected = unwrap_model(model).state_dict()
     groups: dict[int, list[str]] = {}
     for name, tensor in expected.items():
         groups.setdefault(tensor.data_ptr() if tensor.device.type != "meta" else id(tensor), []).append(name)
@@ -190,7 +183,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     if not isinstance(bundle, dict) or bundle.get("save_id") != metadata.get("save_id"):
         raise CheckpointError(f"{state_path} does not belong to {weights_path} (different saves); "
                               "the save was interrupted between the two files: use an earlier checkpoint")
-    target = _unwrap(model)
+    target = unwrap_model(model)
     device = next(target.parameters()).device
     try:
         load_model(target, str(weights_path), strict=True, device=str(device))

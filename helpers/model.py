@@ -13,7 +13,7 @@ from torch import nn
 from helpers.attention import LayerKVCache, MultiHeadAttention
 
 __all__ = ["GPT_CONFIGS", "FeedForward", "GPTConfig", "GPTModel", "KVCache", "TransformerBlock", "count_parameters",
-           "use_input_major_weights"]
+           "init_gpt2_weights"]
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,9 @@ class KVCache:
 class GPTModel(nn.Module):
     """GPT-2: token + position embeddings, ``n_layers`` transformer blocks, final LayerNorm, output head.
 
-    ``cfg`` is a ``GPTConfig`` (or a dict of its fields). Weights start as GPT-2 initialises them:
-    normal with std 0.02, the projections into the residual stream scaled by 1/sqrt(2 * n_layers).
+    ``cfg`` is a ``GPTConfig`` (or a dict of its fields). Weights start as PyTorch initialises each
+    layer, exactly like the model Part 06 builds inline (and the numbers the book reports);
+    ``init_gpt2_weights(model)`` applies GPT-2's own scheme instead, as ``python -m helpers.pretrain`` does.
     """
 
     def __init__(self, cfg: GPTConfig | Mapping):
@@ -141,26 +142,7 @@ class GPTModel(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        if cfg.tie_weights:
-            self.out_head.weight = self.tok_emb.weight
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Initialise every weight as GPT-2 does."""
-        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = residual_std if name.endswith(("att.out_proj", "ff.layers.2")) else 0.02
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        if self.cfg.tie_weights:  # the shared matrix keeps its embedding initialisation
+        if cfg.tie_weights:  # one matrix, two roles: the head reads the embedding table
             self.out_head.weight = self.tok_emb.weight
 
     def new_kv_cache(self) -> KVCache:
@@ -196,25 +178,27 @@ class GPTModel(nn.Module):
         return self.out_head(x)  # (batch, n_tokens, vocab_size)
 
 
-def use_input_major_weights(model: GPTModel) -> GPTModel:
-    """Lay out every matrix of the transformer blocks input-major, ``(in, out)`` in memory; return ``model``.
+@torch.no_grad()
+def init_gpt2_weights(model: GPTModel) -> GPTModel:
+    """Re-initialise ``model`` as GPT-2 does, in place; return it.
 
-    An option for generating on a CPU. The parameters keep ``nn.Linear``'s ``(out, in)`` shape and
-    their values; only the memory order changes (each becomes the transpose of a contiguous
-    ``(in, out)`` tensor, the layout of GPT-2's Conv1D). Decoding one token multiplies a single vector
-    by each matrix, and with MKL that product reads an input-major matrix faster: one cached decoding
-    step of the 124M model took 44.9 instead of 49.7 ms on our 2-core AMD test machine, and 200 tokens
-    ran 1.06x faster (``benchmarks/generation.py``). Other CPUs and BLAS libraries may gain less or nothing.
-
-    Not the default, because the parameters stop being contiguous: ``param.view(-1)``, and with it
-    ``torch.nn.utils.parameters_to_vector``, raises, and ``safetensors.torch.save_file(model.state_dict())``
-    refuses them. ``helpers.checkpoint.save_checkpoint`` and ``helpers.weights.save_hf_gpt2`` still work.
-    Matrices already input-major are left alone.
+    Every linear and embedding weight is drawn from N(0, 0.02^2); the two projections that write into
+    the residual stream (attention's ``out_proj`` and the feed-forward's second layer) use
+    0.02 / sqrt(2 * n_layers), so the stream's variance does not grow with depth; biases start at 0 and
+    LayerNorms at scale 1, shift 0. A tied head shares the embedding's draw.
     """
-    for module in model.blocks.modules():
-        if isinstance(module, nn.Linear) and module.weight.stride() != (1, module.weight.shape[0]):
-            weight = module.weight.detach().t().contiguous().t()
-            module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+    residual_std = 0.02 / math.sqrt(2 * model.cfg.n_layers)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            std = residual_std if name.endswith(("att.out_proj", "ff.layers.2")) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
     return model
 
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from helpers.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
 from helpers.corpus import default_cache_dir, expand_data_paths, load_token_cache, token_batch
-from helpers.model import GPT_CONFIGS, GPTConfig, GPTModel
+from helpers.model import GPT_CONFIGS, GPTConfig, GPTModel, init_gpt2_weights
 from helpers.runtime import device as best_device
 from helpers.train import calc_loss_batch, learning_rate_at
 
@@ -305,7 +305,7 @@ def _run(args, env: _Dist) -> int:
                              f"context_length {cfg.context_length}; add data or lower --context-length/--val-fraction")
 
     torch.manual_seed(args.seed)
-    model = GPTModel(cfg).to(env.device)
+    model = init_gpt2_weights(GPTModel(cfg)).to(env.device)
     optimizer = _optimizer(model, args, env.device)
     start_step, tokens_seen = 0, 0
     if args.resume:

@@ -1,16 +1,25 @@
-"""Small conveniences every notebook needs: the device, quick mode, seeding, headline numbers."""
+"""What every module stands on: the device, quick mode, atomic writes, headline numbers, and the
+shared training policies (unwrapping a model, eval mode, compute precision, peak FLOP/s).
+
+torch is imported inside the functions that need it, so ``import helpers`` stays light.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for annotations only: torch is imported inside the functions
+    import torch
+    from torch import nn
 
 
-def device() -> torch.device:  # noqa: F821 (torch is imported lazily)
+def device() -> torch.device:
     """Return the best available device: cuda, then mps, then cpu.
 
     Set ``LLM_DEVICE`` (for example ``cpu``) to override the choice.
@@ -30,16 +39,6 @@ def device() -> torch.device:  # noqa: F821 (torch is imported lazily)
 def quick_mode() -> bool:
     """True when ``LLM_QUICK`` is set to a true value (``make test`` sets ``LLM_QUICK=1``)."""
     return os.environ.get("LLM_QUICK", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and PyTorch's random number generators."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def project_root() -> Path | None:
@@ -85,3 +84,112 @@ def record_results(notebook: str, numbers: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     document = json.dumps({"notebook": notebook, "quick": quick_mode(), **numbers}, indent=2, default=str)
     return write_atomically(folder / f"{notebook}.json", lambda tmp: tmp.write_text(document))
+
+
+# ---------------------------------------------------------------------------------------------
+# models: the one place that knows about wrappers and train/eval mode
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` and (Distributed)DataParallel wrappers."""
+    from torch import nn
+
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``with eval_mode(model):`` runs the block in eval mode (no dropout) and restores the previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# precision: one answer to "which dtype do the matrix products run in"
+
+PRECISIONS = ("float32", "bfloat16", "float16", "auto")
+
+
+def compute_dtype(device: torch.device | str, precision: str = "float32") -> torch.dtype:
+    """The dtype autocast should compute in for ``precision`` on ``device``.
+
+    ``"float32"``, ``"bfloat16"`` and ``"float16"`` are taken as given; ``"auto"`` is bfloat16 on a
+    CUDA GPU that supports it and float32 everywhere else (CPUs, MPS, older GPUs).
+    """
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    if precision == "auto":
+        supported = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if supported else torch.float32
+    return getattr(torch, precision)
+
+
+def autocast(device: torch.device | str, precision: str = "float32") -> contextlib.AbstractContextManager:
+    """A context that runs the forward pass in ``compute_dtype(device, precision)`` (a no-op for float32)."""
+    import torch
+
+    device = torch.device(device)
+    dtype = compute_dtype(device, precision)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# Peak dense bf16 FLOP/s of common accelerators, by a substring of torch.cuda.get_device_name().
+KNOWN_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12, "T4": 65e12,
+                    "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def measure_cpu_peak_flops(size: int = 1024, seconds: float = 1.0) -> float:
+    """Measured float32 matmul FLOP/s of this CPU (square matrices of ``size``), the best of three timings."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(3):  # the best of three, so a moment of contention does not lower the peak
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            count += 1
+        best = max(best, 2 * size**3 * count / (time.perf_counter() - start))
+    return best
+
+
+def peak_flops(device: torch.device | str, override: float | None = None) -> tuple[float | None, str]:
+    """The peak FLOP/s that MFU divides by, and where it came from.
+
+    In order: ``override``, ``$LLM_PEAK_FLOPS``, the datasheet bf16 peak of a known GPU, a float32
+    matmul measured now on a CPU; ``(None, "unknown")`` otherwise.
+    """
+    import torch
+
+    if override:
+        return float(override), "given"
+    if os.environ.get("LLM_PEAK_FLOPS"):
+        value = os.environ["LLM_PEAK_FLOPS"]
+        try:
+            return float(value), "LLM_PEAK_FLOPS"
+        except ValueError:
+            raise ValueError(f"LLM_PEAK_FLOPS must be a number of FLOP/s such as 989e12, got {value!r}") from None
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        found = next((peak for key, peak in KNOWN_PEAK_FLOPS.items() if key in name), None)
+        return (found, f"{name} datasheet, bf16 dense") if found else (None, "unknown")
+    if device.type == "cpu":
+        return measure_cpu_peak_flops(), "measured float32 matmul"
+    return None, "unknown"

@@ -17,6 +17,7 @@ from helpers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from helpers.generate import generate, text_to_token_ids, token_ids_to_text
 from helpers.losses import chunked_cross_entropy
 from helpers.model import GPTModel
+from helpers.runtime import eval_mode, unwrap_model
 
 __all__ = [
     "CheckpointError",
@@ -39,17 +40,6 @@ class TrainingDiverged(FloatingPointError):
         super().__init__(message)
         self.step = step
         self.history = history
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile`` and (Distributed)DataParallel wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module,
@@ -90,13 +80,9 @@ def calc_loss_loader(data_loader: Iterable, model: nn.Module, device: torch.devi
 def evaluate_model(model: nn.Module, train_loader: Iterable, val_loader: Iterable, device: torch.device | str,
                    eval_iter: int) -> tuple[float, float]:
     """Return ``(train_loss, val_loss)`` over ``eval_iter`` batches each, in eval mode (restored after)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
-    finally:
-        model.train(was_training)
     return train_loss, val_loss
 
 

@@ -140,18 +140,40 @@ def test_model_accepts_config_as_dict_and_names_unknown_keys(tiny_cfg):
         GPTModel({**tiny_cfg.to_dict(), "emb_size": 32})
 
 
-def test_initialisation_follows_gpt2(tiny_cfg):
+def test_default_initialisation_is_pytorchs_like_the_inline_part06_model(tiny_cfg):
+    # given the same seed, a GPTModel and the layers PyTorch would build in the same order
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg)
+    torch.manual_seed(0)
+    reference_embedding = torch.nn.Embedding(tiny_cfg.vocab_size, tiny_cfg.emb_dim)
+    # then the token embedding is PyTorch's N(0, 1) draw, not GPT-2's N(0, 0.02^2)
+    assert torch.equal(model.tok_emb.weight, reference_embedding.weight)
+    assert model.tok_emb.weight.std().item() == pytest.approx(1.0, rel=0.1)
+    # and a linear layer is PyTorch's U(-1/sqrt(in), 1/sqrt(in))
+    bound = 1 / tiny_cfg.emb_dim**0.5
+    assert model.blocks[0].ff.layers[0].weight.abs().max().item() <= bound
+
+
+def test_init_gpt2_weights_follows_gpt2(tiny_cfg):
+    from helpers.model import init_gpt2_weights
+
     torch.manual_seed(0)
     model = GPTModel(dataclasses.replace(tiny_cfg, n_layers=8, emb_dim=256, vocab_size=2000))
+    assert init_gpt2_weights(model) is model
     residual_std = 0.02 / (2 * 8) ** 0.5
     assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.blocks[0].att.W_query.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.blocks[0].att.out_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
     assert model.blocks[0].ff.layers[2].weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert torch.count_nonzero(model.blocks[0].ff.layers[0].bias) == 0
 
 
-def _is_input_major(weight: torch.Tensor) -> bool:
-    return weight.t().is_contiguous()
+def test_init_gpt2_weights_keeps_a_tied_head_tied(tiny_cfg):
+    from helpers.model import init_gpt2_weights
+
+    model = init_gpt2_weights(GPTModel(dataclasses.replace(tiny_cfg, tie_weights=True)))
+    assert model.out_head.weight is model.tok_emb.weight
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
 def test_parameters_are_contiguous_by_default_so_common_tools_work(tiny_model, tmp_path):
@@ -164,65 +186,3 @@ def test_parameters_are_contiguous_by_default_so_common_tools_work(tiny_model, t
     save_file(state, str(tmp_path / "plain.safetensors"))
     assert torch.equal(load_file(str(tmp_path / "plain.safetensors"))["blocks.0.ff.layers.0.weight"],
                        tiny_model.blocks[0].ff.layers[0].weight)
-
-
-def test_use_input_major_weights_relays_every_block_matrix_and_nothing_else(tiny_cfg):
-    from helpers.model import use_input_major_weights
-
-    model = GPTModel(tiny_cfg)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    assert use_input_major_weights(model) is model
-    matrices = {name: p for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2}
-    assert len(matrices) == tiny_cfg.n_layers * 6  # query, key, value, out_proj and the two feed-forward layers
-    for name, weight in model.named_parameters():
-        assert torch.equal(weight, before[name]), name
-        assert _is_input_major(weight) if name in matrices else weight.is_contiguous(), name
-    assert model.blocks[0].ff.layers[0].weight.shape == (4 * tiny_cfg.emb_dim, tiny_cfg.emb_dim)
-
-
-def test_input_major_layout_changes_no_result_and_survives_a_training_step(tiny_cfg, tmp_path):
-    # given the same weights stored both ways: the default layout and the input-major one
-    from helpers.checkpoint import load_checkpoint, save_checkpoint
-    from helpers.model import use_input_major_weights
-
-    torch.manual_seed(3)
-    default_layout = GPTModel(dataclasses.replace(tiny_cfg, drop_rate=0.0))
-    input_major = GPTModel(default_layout.cfg)
-    input_major.load_state_dict(default_layout.state_dict())
-    use_input_major_weights(input_major)
-    ids = torch.randint(0, tiny_cfg.vocab_size, (2, 12))
-
-    # when both take the same AdamW step
-    losses = []
-    for model in (input_major, default_layout):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-
-    # then losses, gradients and updated weights agree, and the layout is kept
-    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
-    for (name, a), b in zip(input_major.named_parameters(), default_layout.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    assert _is_input_major(input_major.blocks[-1].ff.layers[2].weight)
-
-    # and a checkpoint of the input-major model loads into a default one
-    save_checkpoint(tmp_path / "ckpt", input_major)
-    fresh = GPTModel(input_major.cfg)
-    load_checkpoint(tmp_path / "ckpt", fresh)
-    for (name, a), b in zip(input_major.named_parameters(), fresh.parameters(), strict=True):
-        assert torch.equal(a, b), name
-
-
-def test_cached_generation_is_the_same_with_input_major_weights(tiny_cfg, tiny_model):
-    import copy
-
-    from helpers.generate import generate
-    from helpers.model import use_input_major_weights
-
-    relaid = use_input_major_weights(copy.deepcopy(tiny_model)).eval()
-    tiny_model.eval()
-    prompt = torch.randint(0, tiny_cfg.vocab_size, (2, 3), generator=torch.Generator().manual_seed(4))
-    assert torch.equal(generate(relaid, prompt, 20), generate(tiny_model, prompt, 20))

@@ -7,7 +7,17 @@ import json
 import pytest
 import torch
 
-from helpers.runtime import device, project_root, quick_mode, record_results, seed_everything
+from helpers.runtime import (
+    autocast,
+    compute_dtype,
+    device,
+    eval_mode,
+    peak_flops,
+    project_root,
+    quick_mode,
+    record_results,
+    unwrap_model,
+)
 
 
 def test_device_honours_llm_device(monkeypatch):
@@ -35,11 +45,56 @@ def test_quick_mode_reads_llm_quick(monkeypatch, value, expected):
     assert quick_mode() is expected
 
 
-def test_seed_everything_makes_torch_draws_repeat():
-    seed_everything(11)
-    first = torch.randn(5)
-    seed_everything(11)
-    assert torch.equal(torch.randn(5), first)
+def test_eval_mode_switches_off_dropout_and_restores_the_mode_even_after_an_error():
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    model.train()
+    with pytest.raises(RuntimeError), eval_mode(model):
+        assert not model.training
+        raise RuntimeError("inside")
+    assert model.training
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training
+
+
+def test_unwrap_model_sees_through_dataparallel_and_compile():
+    inner = torch.nn.Linear(2, 2)
+    assert unwrap_model(torch.nn.DataParallel(inner)) is inner
+    assert unwrap_model(torch.compile(inner)) is inner
+    assert unwrap_model(inner) is inner
+
+
+def test_precision_auto_is_float32_on_a_cpu_and_named_precisions_are_kept():
+    assert compute_dtype("cpu", "auto") == torch.float32
+    assert compute_dtype("cpu", "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="precision must be one of"):
+        compute_dtype("cpu", "bf16")
+
+
+def test_precision_auto_is_bfloat16_on_a_gpu_that_supports_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert compute_dtype("cuda", "auto") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert compute_dtype("cuda", "auto") == torch.float32
+
+
+def test_autocast_bfloat16_on_cpu_computes_matmuls_in_bfloat16():
+    a = torch.randn(4, 4)
+    with autocast("cpu", "bfloat16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast("cpu", "float32"):
+        assert (a @ a).dtype == torch.float32
+
+
+def test_peak_flops_prefers_the_override_then_the_environment(monkeypatch):
+    assert peak_flops("cpu", 5e12) == (5e12, "given")
+    monkeypatch.setenv("LLM_PEAK_FLOPS", "7e12")
+    assert peak_flops("cpu") == (7e12, "LLM_PEAK_FLOPS")
+    monkeypatch.setenv("LLM_PEAK_FLOPS", "fast")
+    with pytest.raises(ValueError, match="LLM_PEAK_FLOPS"):
+        peak_flops("cpu")
 
 
 def test_project_root_is_the_checkout():
