@@ -150,7 +150,8 @@ def _resolve(name: str) -> Dataset:
     raise DataError(f"unknown dataset {name!r}; the known names are: {known}")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -170,7 +171,7 @@ def _install(source: Path, entry: Dataset, target: Path, origin: str) -> None:
 
 
 def _verify(path: Path, entry: Dataset, origin: str) -> None:
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != entry.sha256:
         raise DataError(
             f"{entry.name}: the copy from {origin} has the wrong sha256\n"
@@ -241,7 +242,7 @@ def fetch(name: str, *, progress: bool = True) -> Path:
         return paths[0].parent
     entry = _resolve(name)
     target = data_dir() / entry.file
-    if target.is_file() and target.stat().st_size == entry.size and _sha256(target) == entry.sha256:
+    if target.is_file() and target.stat().st_size == entry.size and sha256_file(target) == entry.sha256:
         return target
 
     mirror = os.environ.get("LLM_DATA_MIRROR")
