@@ -74,6 +74,13 @@ _ENTRIES = [
         "1,100 Alpaca-style instruction/input/output records",
     ),
     Dataset(
+        "instruction-preference", "instruction-data-with-preference.json",
+        (f"{_RASBT}/ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json",),
+        "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e", 386_968,
+        "Apache-2.0 (Sebastian Raschka, LLMs-from-scratch)",
+        "the 1,100 instruction records, each with a chosen (polite) and a rejected (impolite) answer",
+    ),
+    Dataset(
         "tinyshakespeare", "tinyshakespeare.txt",
         ("https://raw.githubusercontent.com/karpathy/char-rnn/6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e"
          "/data/tinyshakespeare/input.txt",),
