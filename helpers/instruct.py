@@ -1,20 +1,53 @@
-"""Instruction finetuning (Part 09): the Alpaca-style prompt, the data splits, batching, answering and scoring."""
+"""Instruction finetuning (Part 09): the Alpaca-style prompt, the data splits, batches, answers and their scores.
+
+Training reuses Part 07's ``helpers.train.train_model`` and ``calc_loss_batch``: its chunked
+cross-entropy ignores the -100 targets that ``collate_instructions`` writes, exactly as
+``F.cross_entropy`` does. Answers are scored offline by ``rouge_l`` beside two baselines, and
+online by an LLM judge over HTTP (``judge_responses``).
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import random
+import re
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
 from helpers.data import fetch
+from helpers.generate import generate
+from helpers.runtime import eval_mode, write_atomically
 
 __all__ = [
+    "CONSTANT_ANSWER",
+    "END_OF_TEXT",
     "PROMPT_PREAMBLE",
     "RESPONSE_HEADER",
     "InstructionDataError",
+    "InstructionDataset",
+    "JudgeUnavailable",
+    "baseline_scores",
+    "collate_instructions",
+    "constant_baseline",
+    "echo_baseline",
+    "extract_response",
     "format_input",
     "format_training_text",
+    "generate_responses",
+    "judge_prompt",
+    "judge_responses",
     "load_instruction_splits",
+    "mean_rouge_l",
+    "parse_score",
+    "rouge_l",
     "split_records",
 ]
 
@@ -22,6 +55,7 @@ PROMPT_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
 RESPONSE_HEADER = "\n\n### Response:\n"
+END_OF_TEXT = "<|endoftext|>"
 _FIELDS = ("instruction", "input", "output")
 
 
@@ -79,3 +113,342 @@ def format_input(entry: dict) -> str:
 def format_training_text(entry: dict) -> str:
     """Return the full training text: ``format_input(entry)`` followed by the response header and the output."""
     return format_input(entry) + RESPONSE_HEADER + entry["output"]
+
+
+def extract_response(generated_text: str, prompt: str | None = None) -> str:
+    """Return the answer in ``generated_text``: what follows ``prompt`` and the ``### Response:`` header, stripped.
+
+    Text after an ``<|endoftext|>`` is dropped. Without ``prompt`` the answer is what follows the first
+    ``### Response:`` header (the whole text when there is none).
+    """
+    text = generated_text
+    if prompt is not None and text.startswith(prompt):
+        text = text[len(prompt):]
+    header = RESPONSE_HEADER.strip()
+    if prompt is not None:
+        text = text.lstrip()
+        if text.startswith(header):
+            text = text[len(header):]
+    elif header in text:
+        text = text.split(header, 1)[1]
+    return text.split(END_OF_TEXT, 1)[0].strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# batches for training
+
+
+class InstructionDataset(Dataset):
+    """Instruction records tokenized once: the prompt (with the response header), then the response.
+
+    Items are lists of token ids, or ``(ids, prompt_length)`` with ``return_prompt_length=True``, where
+    ``prompt_length`` counts the tokens of ``format_input(entry) + "\\n\\n### Response:\\n"``: the part
+    the model is given when it answers. Prompt and response are encoded separately and joined, which on
+    this data gives the same ids as encoding the whole text at once.
+    """
+
+    def __init__(self, data: Sequence[dict], tokenizer, return_prompt_length: bool = False):
+        self.return_prompt_length = return_prompt_length
+        self.encoded: list[list[int]] = []
+        self.prompt_lengths: list[int] = []
+        for index, entry in enumerate(data):
+            entry = _check_record(index, entry)
+            prompt_ids = tokenizer.encode(format_input(entry) + RESPONSE_HEADER)
+            self.encoded.append(prompt_ids + tokenizer.encode(entry["output"]))
+            self.prompt_lengths.append(len(prompt_ids))
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, index: int) -> list[int] | tuple[list[int], int]:
+        if self.return_prompt_length:
+            return self.encoded[index], self.prompt_lengths[index]
+        return self.encoded[index]
+
+
+def _split_item(index: int, item, mask_prompt: bool) -> tuple[list[int], int]:
+    """``(ids, prompt_length)`` of one batch item; ``prompt_length`` is 0 when prompts are not masked."""
+    if isinstance(item, tuple):
+        ids, prompt_length = item
+    elif mask_prompt:
+        raise ValueError(f"mask_prompt=True needs items (ids, prompt_length), but batch item {index} is a "
+                         f"{type(item).__name__}; build the dataset with return_prompt_length=True")
+    else:
+        ids, prompt_length = item, 0
+    ids = list(ids.tolist() if isinstance(ids, torch.Tensor) else ids)
+    if not ids:
+        raise ValueError(f"batch item {index} has no tokens")
+    return ids, (prompt_length if mask_prompt else 0)
+
+
+def collate_instructions(batch: Sequence, pad_token_id: int = 50256, ignore_index: int = -100,
+                         allowed_max_length: int | None = None, device: torch.device | str = "cpu",
+                         mask_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn token-id lists into ``(inputs, targets)`` ``(batch, n)`` tensors for next-token training.
+
+    Each sequence gets one ``pad_token_id`` (end-of-text) appended and is padded with it to the longest;
+    targets are the inputs shifted by one. The first end-of-text target stays (the model learns to stop),
+    every later padding target becomes ``ignore_index``. With ``mask_prompt`` (items
+    ``(ids, prompt_length)``) ``targets[:prompt_length - 1]`` are ``ignore_index`` too, so only the
+    response and its end-of-text count. Both tensors are then cut to ``allowed_max_length`` tokens.
+    """
+    if len(batch) == 0:
+        raise ValueError("collate_instructions got an empty batch")
+    if allowed_max_length is not None and allowed_max_length < 1:
+        raise ValueError(f"allowed_max_length must be a positive integer or None, got {allowed_max_length}")
+    items = [_split_item(index, item, mask_prompt) for index, item in enumerate(batch)]
+    width = max(len(ids) for ids, _ in items)  # one more than that with the end-of-text, one less after the shift
+    inputs, targets = [], []
+    for ids, prompt_length in items:
+        padded = ids + [pad_token_id] * (width + 1 - len(ids))
+        target = padded[1:]
+        target[len(ids):] = [ignore_index] * (width - len(ids))  # padding after the first end-of-text
+        target[:max(prompt_length - 1, 0)] = [ignore_index] * max(prompt_length - 1, 0)
+        inputs.append(padded[:-1])
+        targets.append(target)
+    inputs_t = torch.tensor(inputs, dtype=torch.long)[:, :allowed_max_length]
+    targets_t = torch.tensor(targets, dtype=torch.long)[:, :allowed_max_length]
+    return inputs_t.to(device), targets_t.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# answering
+
+
+def _prompt_ids(entries: Sequence[dict], tokenizer) -> list[list[int]]:
+    return [tokenizer.encode(format_input(_check_record(i, e)) + RESPONSE_HEADER) for i, e in enumerate(entries)]
+
+
+def _equal_length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by equal prompt length, at most ``batch_size`` per group (no padding needed)."""
+    by_length: dict[int, list[int]] = {}
+    for index, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(index)
+    return [indices[start:start + batch_size] for indices in by_length.values()
+            for start in range(0, len(indices), batch_size)]
+
+
+def _answer_ids(row: list[int], eos_id: int) -> list[int]:
+    return row[:row.index(eos_id)] if eos_id in row else row
+
+
+def generate_responses(model: nn.Module, tokenizer, entries: Sequence[dict], max_new_tokens: int = 256,
+                       out_path: str | os.PathLike | None = None, batch_size: int = 8, *,
+                       eos_id: int = 50256, context_size: int | None = None, progress: bool = True,
+                       device: torch.device | str | None = None) -> list[dict]:
+    """Answer every entry greedily with the KV cache; return copies of the entries with ``model_response``.
+
+    The model is given ``format_input(entry)`` and the response header, generates until ``eos_id`` or
+    ``max_new_tokens``, and the answer is the decoded new tokens, stripped. Entries whose prompts have
+    the same number of tokens are answered together, up to ``batch_size`` at a time: no padding is
+    needed, so the answers are the ones generated one at a time. With ``out_path`` the result is
+    written there as JSON (atomically).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    prompts = _prompt_ids(entries, tokenizer)
+    answers: list[str] = [""] * len(entries)
+    with eval_mode(model), tqdm(total=len(entries), desc="answering", unit="entry", disable=not progress) as bar:
+        for group in _equal_length_groups([len(ids) for ids in prompts], batch_size):
+            idx = torch.tensor([prompts[i] for i in group], dtype=torch.long, device=device)
+            out = generate(model, idx, max_new_tokens, context_size=context_size, eos_id=eos_id)
+            for row, i in zip(out[:, idx.shape[1]:].tolist(), group):
+                answers[i] = tokenizer.decode(_answer_ids(row, eos_id)).strip()
+            bar.update(len(group))
+    results = [{**entry, "model_response": answer} for entry, answer in zip(entries, answers)]
+    if out_path is not None:
+        document = json.dumps(results, indent=2, ensure_ascii=False)
+        write_atomically(out_path, lambda tmp: tmp.write_text(document, encoding="utf-8"))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring offline: ROUGE-L and two baselines
+
+CONSTANT_ANSWER = "The answer is correct."
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of ``a`` and ``b`` (one row of the table at a time)."""
+    previous = [0] * (len(b) + 1)
+    for word in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 of ``candidate`` against ``reference`` over lower-cased ``\\w+`` words (0 when either is empty).
+
+    Precision and recall are the longest common subsequence's length over each text's word count.
+    """
+    cand, ref = _words(candidate), _words(reference)
+    if not cand or not ref:
+        return 0.0
+    lcs = _lcs_length(cand, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def mean_rouge_l(entries: Sequence[dict], response_key: str = "model_response", reference_key: str = "output") -> float:
+    """Mean ``rouge_l`` of each entry's ``response_key`` against its ``reference_key``."""
+    if not entries:
+        raise ValueError("mean_rouge_l needs at least one entry")
+    missing = next((i for i, e in enumerate(entries) if response_key not in e or reference_key not in e), None)
+    if missing is not None:
+        raise KeyError(f"entry {missing} has no '{response_key}' or '{reference_key}'; "
+                       "answer the entries with generate_responses first")
+    return sum(rouge_l(e[response_key], e[reference_key]) for e in entries) / len(entries)
+
+
+def echo_baseline(entries: Sequence[dict]) -> list[dict]:
+    """Copies of ``entries`` whose ``model_response`` repeats the instruction (a model that only echoes)."""
+    return [{**entry, "model_response": entry["instruction"]} for entry in entries]
+
+
+def constant_baseline(entries: Sequence[dict], answer: str = CONSTANT_ANSWER) -> list[dict]:
+    """Copies of ``entries`` whose ``model_response`` is always ``answer``."""
+    return [{**entry, "model_response": answer} for entry in entries]
+
+
+def baseline_scores(entries: Sequence[dict]) -> dict[str, float]:
+    """Mean ROUGE-L of the echo and the constant baselines on ``entries``."""
+    return {"echo": mean_rouge_l(echo_baseline(entries)), "constant": mean_rouge_l(constant_baseline(entries))}
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring by an LLM judge over HTTP (Ollama's /api/chat, or an OpenAI-compatible endpoint)
+
+
+class JudgeUnavailable(RuntimeError):
+    """The judge server cannot be used (unreachable, refusing, or too slow); the message says what to do."""
+
+
+class _TimedOut(JudgeUnavailable):
+    """One request took longer than the timeout."""
+
+
+def judge_prompt(entry: dict) -> str:
+    """The question put to the judge for one answered entry: a 0-100 score, answered with the number only."""
+    return (
+        "You are grading the answer of a language model to a task.\n\n"
+        f"Task:\n{format_input(entry)}\n\n"
+        f"Correct answer:\n{entry['output']}\n\n"
+        f"Model's answer:\n{entry['model_response']}\n\n"
+        "Score the model's answer against the correct answer on a scale from 0 to 100, where 100 means "
+        "fully correct and 0 means useless. Reply with the integer only."
+    )
+
+
+def parse_score(text: str) -> int | None:
+    """The score in a judge's reply when the reply is exactly one integer from 0 to 100, else None."""
+    match = re.fullmatch(r"\s*(\d{1,3})\s*\.?\s*", text)
+    if match is None:
+        return None
+    score = int(match.group(1))
+    return score if score <= 100 else None
+
+
+def _is_openai(url: str) -> bool:
+    return url.rstrip("/").endswith("/v1/chat/completions")
+
+
+def _request_body(url: str, model: str, prompt: str, stream: bool) -> dict:
+    messages = [{"role": "user", "content": prompt}]
+    if _is_openai(url):
+        return {"model": model, "messages": messages, "temperature": 0, "seed": 123, "stream": False}
+    return {"model": model, "messages": messages, "stream": stream,
+            "options": {"temperature": 0, "seed": 123, "num_ctx": 2048}}
+
+
+def _reply_text(url: str, body: str) -> str:
+    """The assistant's text in a response: OpenAI's ``choices``, Ollama's single JSON or streamed NDJSON."""
+    if _is_openai(url):
+        return json.loads(body)["choices"][0]["message"]["content"]
+    parts = []
+    for line in body.splitlines():
+        if line.strip():
+            parts.append(json.loads(line).get("message", {}).get("content", ""))
+    return "".join(parts)
+
+
+def _ask(url: str, model: str, prompt: str, timeout: float, stream: bool, api_key: str | None) -> str:
+    """Send one chat request and return the reply's text; connection trouble raises ``JudgeUnavailable``."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    data = json.dumps(_request_body(url, model, prompt, stream)).encode("utf-8")
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read().decode("utf-8")
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode("utf-8", "replace").strip()[:200]
+        raise JudgeUnavailable(f"the judge at {url} answered HTTP {error.code}: {detail or error.reason}. "
+                               f"If the model is missing, run `ollama pull {model}` or pass model=...") from error
+    except TimeoutError as error:
+        raise _TimedOut(f"the judge at {url} did not answer within {timeout} s; pass a larger timeout=") from error
+    except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as error:
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, TimeoutError):
+            raise _TimedOut(f"the judge at {url} did not answer within {timeout} s; pass a larger timeout=") from error
+        raise JudgeUnavailable(f"no judge answered at {url} ({reason}). Start Ollama (`ollama serve`) and "
+                               f"`ollama pull {model}`, or pass url= for another chat server") from error
+    try:
+        return _reply_text(url, body)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return ""  # an answer we cannot read counts as a malformed score
+
+
+def _score_one(entry: dict, url: str, model: str, timeout: float, stream: bool, api_key: str | None,
+               retries: int) -> int | None:
+    """The judge's score for one entry, asking again up to ``retries`` times when the reply is not a score."""
+    prompt = judge_prompt(entry)
+    for attempt in range(retries + 1):
+        try:
+            score = parse_score(_ask(url, model, prompt, timeout, stream, api_key))
+        except _TimedOut:
+            if attempt == retries:
+                raise
+            continue
+        if score is not None:
+            return score
+    return None
+
+
+def judge_responses(entries: Sequence[dict], url: str = "http://localhost:11434/api/chat", model: str = "llama3",
+                    timeout: float = 60, *, stream: bool = False, retries: int = 1, api_key: str | None = None,
+                    progress: bool = True, verbose: bool = True) -> list[int | None]:
+    """Ask a chat server to score each entry's ``model_response`` against its ``output``; one int (0-100) or None each.
+
+    ``url`` is Ollama's ``/api/chat`` (the reply streamed as NDJSON with ``stream=True``, one JSON
+    otherwise) or, when it ends in ``/v1/chat/completions``, an OpenAI-compatible server. A reply that
+    is not exactly one integer from 0 to 100 is asked again ``retries`` times, then scored None. When
+    the server cannot be reached, refuses, or times out on every try, a message saying what to do is
+    printed (``verbose``) and the remaining entries are None; nothing is raised.
+    """
+    if timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+    missing = next((i for i, e in enumerate(entries) if "model_response" not in e), None)
+    if missing is not None:
+        raise KeyError(f"entry {missing} has no 'model_response'; answer the entries with generate_responses first")
+    scores: list[int | None] = [None] * len(entries)
+    for index, entry in enumerate(tqdm(entries, desc="judging", unit="entry", disable=not progress)):
+        try:
+            scores[index] = _score_one(entry, url, model, timeout, stream, api_key, retries)
+        except JudgeUnavailable as error:
+            if verbose:
+                print(f"judge_responses: {error}; the remaining {len(entries) - index} entries are not scored (None).")
+            break
+    return scores
