@@ -2,24 +2,28 @@
 
 GPT-2's files name and shape tensors differently from the series (``c_attn`` holds query, key
 and value side by side; its linear layers are ``Conv1D`` with transposed weights). One table,
-``BLOCK_TABLE`` / ``TOP_TABLE`` below, states the correspondence; loading and saving both use it.
+``TOP_TABLE`` / ``BLOCK_TABLE`` below, states the correspondence and, for every row, the
+``Transform`` that turns the file's tensor into ours and back; loading and saving both read it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from helpers.model import GPTConfig, GPTModel
-from helpers.runtime import write_atomically
+from helpers.runtime import unwrap_model, write_atomically
 
-__all__ = ["GPT2_NAMES", "WeightsError", "load_gpt2", "save_hf_gpt2"]
+__all__ = ["BLOCK_TABLE", "GPT2_NAMES", "TOP_TABLE", "Transform", "WeightsError", "load_gpt2", "save_hf_gpt2"]
 
 GPT2_NAMES = {
     "gpt2": "openai-community/gpt2",
@@ -29,34 +33,81 @@ GPT2_NAMES = {
 }
 """The official sizes, by name, and their Hugging Face hub repositories."""
 
+
+class WeightsError(ValueError):
+    """Weights could not be found or do not fit; the message names the tensor or file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the name table
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """How one GPT-2 tensor becomes our tensor(s) (``to_ours``) and back (``to_hf``).
+
+    ``hf_shape`` gives the file's shape from the shapes of our tensors, so a file can be checked
+    before any of its bytes are read.
+    """
+
+    description: str
+    to_ours: Callable[[torch.Tensor], list[torch.Tensor]]
+    to_hf: Callable[[list[torch.Tensor]], torch.Tensor]
+    hf_shape: Callable[[list[list[int]]], list[int]]
+
+
+# Conv1D stores a weight (in, out); nn.Linear stores (out, in). c_attn holds q, k and v side by side,
+# along its output dimension: dim 1 of the Conv1D weight, dim 0 of the bias.
+AS_IS = Transform("as is", lambda tensor: [tensor], lambda ours: ours[0], lambda shapes: shapes[0])
+TRANSPOSE = Transform("transpose", lambda tensor: [tensor.t().contiguous()], lambda ours: ours[0].t(),
+                      lambda shapes: shapes[0][::-1])
+SPLIT = Transform("split in 3",
+                  lambda tensor: [part.clone() for part in tensor.chunk(3, dim=0)],  # own storage each
+                  lambda ours: torch.cat(ours, dim=0),
+                  lambda shapes: [sum(shape[0] for shape in shapes)])
+SPLIT_TRANSPOSE = Transform("split in 3, transpose each",
+                            lambda tensor: [part.t().contiguous() for part in tensor.chunk(3, dim=1)],
+                            lambda ours: torch.cat([part.t() for part in ours], dim=1),
+                            lambda shapes: [shapes[0][1], sum(shape[0] for shape in shapes)])
+
 # (GPT-2 name, our name or names, how the tensor changes on the way in)
-# "t": Conv1D stores (in, out); nn.Linear stores (out, in). "split": q, k, v side by side.
 TOP_TABLE = [
-    ("wte.weight", "tok_emb.weight", None),
-    ("wpe.weight", "pos_emb.weight", None),
-    ("ln_f.weight", "final_norm.weight", None),
-    ("ln_f.bias", "final_norm.bias", None),
+    ("wte.weight", "tok_emb.weight", AS_IS),
+    ("wpe.weight", "pos_emb.weight", AS_IS),
+    ("ln_f.weight", "final_norm.weight", AS_IS),
+    ("ln_f.bias", "final_norm.bias", AS_IS),
 ]
-BLOCK_TABLE = [
-    ("ln_1.weight", "norm1.weight", None),
-    ("ln_1.bias", "norm1.bias", None),
-    ("attn.c_attn.weight", ("att.W_query.weight", "att.W_key.weight", "att.W_value.weight"), "split_t"),
-    ("attn.c_attn.bias", ("att.W_query.bias", "att.W_key.bias", "att.W_value.bias"), "split"),
-    ("attn.c_proj.weight", "att.out_proj.weight", "t"),
-    ("attn.c_proj.bias", "att.out_proj.bias", None),
-    ("ln_2.weight", "norm2.weight", None),
-    ("ln_2.bias", "norm2.bias", None),
-    ("mlp.c_fc.weight", "ff.layers.0.weight", "t"),
-    ("mlp.c_fc.bias", "ff.layers.0.bias", None),
-    ("mlp.c_proj.weight", "ff.layers.2.weight", "t"),
-    ("mlp.c_proj.bias", "ff.layers.2.bias", None),
+BLOCK_TABLE = [  # in block i: "h.{i}." + GPT-2 name, "blocks.{i}." + ours
+    ("ln_1.weight", "norm1.weight", AS_IS),
+    ("ln_1.bias", "norm1.bias", AS_IS),
+    ("attn.c_attn.weight", ("att.W_query.weight", "att.W_key.weight", "att.W_value.weight"), SPLIT_TRANSPOSE),
+    ("attn.c_attn.bias", ("att.W_query.bias", "att.W_key.bias", "att.W_value.bias"), SPLIT),
+    ("attn.c_proj.weight", "att.out_proj.weight", TRANSPOSE),
+    ("attn.c_proj.bias", "att.out_proj.bias", AS_IS),
+    ("ln_2.weight", "norm2.weight", AS_IS),
+    ("ln_2.bias", "norm2.bias", AS_IS),
+    ("mlp.c_fc.weight", "ff.layers.0.weight", TRANSPOSE),
+    ("mlp.c_fc.bias", "ff.layers.0.bias", AS_IS),
+    ("mlp.c_proj.weight", "ff.layers.2.weight", TRANSPOSE),
+    ("mlp.c_proj.bias", "ff.layers.2.bias", AS_IS),
 ]
+HEAD_ROW = ("lm_head.weight", "out_head.weight", AS_IS)  # only in files whose head is not tied
 _BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers some files carry
 _HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
 
 
-class WeightsError(ValueError):
-    """Weights could not be found or do not fit; the message names the tensor or file."""
+def _mapped_names(cfg: GPTConfig) -> dict[str, tuple[tuple[str, ...], Transform]]:
+    """GPT-2 name -> (our names, transform) for every tensor of a model of size ``cfg``."""
+    def row(ours: str | tuple[str, ...], prefix: str = "") -> tuple[str, ...]:
+        return tuple(prefix + name for name in ((ours,) if isinstance(ours, str) else ours))
+
+    table = {hf: (row(ours), how) for hf, ours, how in TOP_TABLE}
+    for layer in range(cfg.n_layers):
+        for hf, ours, how in BLOCK_TABLE:
+            table[f"h.{layer}.{hf}"] = (row(ours, f"blocks.{layer}."), how)
+    if not cfg.tie_weights:
+        table[HEAD_ROW[0]] = (row(HEAD_ROW[1]), HEAD_ROW[2])
+    return table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +131,26 @@ def _download(name: str) -> tuple[Path, list[Path]]:
     return config, [weights]
 
 
+def _shard_files(index: Path) -> list[Path]:
+    """The shard files a ``model.safetensors.index.json`` names, each checked to exist beside it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shard_names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise WeightsError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of tensor "
+                           f"name -> shard file): {error!r}; re-save the model") from error
+    files = []
+    for shard in shard_names:
+        if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise WeightsError(f"{index} names the shard {shard!r}; shards must be .safetensors files in the "
+                               "same folder")
+        if not (index.parent / shard).is_file():
+            raise WeightsError(f"{index} names the shard {shard}, which is not in {index.parent}; copy every "
+                               "shard beside the index")
+        files.append(index.parent / shard)
+    return files
+
+
 def _local_files(path: Path) -> tuple[Path | None, list[Path]]:
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -87,16 +158,26 @@ def _local_files(path: Path) -> tuple[Path | None, list[Path]]:
         config = path.with_name("config.json")
         return (config if config.is_file() else None), [path]
     config = path / "config.json"
-    index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
-    elif index.is_file():
-        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / shard for shard in shard_names]
+    elif (path / "model.safetensors.index.json").is_file():
+        files = _shard_files(path / "model.safetensors.index.json")
     else:
         found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-        raise WeightsError(f"{path} holds no model.safetensors (it holds: {found})")
+        raise WeightsError(f"{path} holds no model.safetensors (it holds: {found}); pass the folder a model was "
+                           "saved to (config.json and model.safetensors) or the .safetensors file itself")
     return (config if config.is_file() else None), files
+
+
+def _find_files(name_or_path: str | os.PathLike) -> tuple[Path | None, list[Path]]:
+    """The config.json (or None) and the safetensors files ``name_or_path`` stands for."""
+    key = os.fspath(name_or_path)
+    if key in GPT2_NAMES or key in GPT2_NAMES.values():
+        return _download(key if key in GPT2_NAMES else next(n for n, repo in GPT2_NAMES.items() if repo == key))
+    path = Path(key).expanduser()
+    if not path.exists():
+        raise WeightsError(f"{key!r} is neither a GPT-2 name ({', '.join(GPT2_NAMES)}) nor an existing file or folder")
+    return _local_files(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,35 +191,73 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _read_header(file: Path) -> tuple[dict, int, int]:
+    """A safetensors file's JSON header, where its data starts, and how many bytes of data it holds."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            header_length = struct.unpack("<Q", handle.read(8))[0]
+            if header_length > size - 8:
+                raise ValueError(f"the header claims {header_length} bytes but the file has {size}")
+            header = json.loads(handle.read(header_length))
+    except (OSError, ValueError, struct.error) as error:
+        raise WeightsError(f"{file} is truncated or not a safetensors file ({error}); download or save it "
+                           "again") from error
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+        raise WeightsError(f"{file} is not a safetensors file (its header is not a JSON object of tensors)")
+    return header, 8 + header_length, size - 8 - header_length
+
+
+def _check_entry(file: Path, name: str, info: object, data_size: int) -> tuple[int, int]:
+    """The byte range of one header entry, refused unless it holds exactly its dtype and shape."""
+    def refuse(problem: str) -> WeightsError:
+        return WeightsError(f"{file}: tensor {name} {problem}; the file is damaged or was not written by a "
+                            "safetensors writer, save or download it again")
+
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise refuse("lacks its dtype, shape or data_offsets")
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+        raise refuse(f"has dtype {info['dtype']!r}, which this loader does not read")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise refuse(f"has shape {shape!r}, not a list of sizes >= 0")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(n) is int for n in offsets):
+        raise refuse(f"has data_offsets {offsets!r}, not [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise refuse(f"claims bytes {begin}..{end}, outside the file's {data_size} bytes of data")
+    needed = math.prod(shape) * _SAFETENSORS_DTYPES[info["dtype"]].itemsize
+    if needed != end - begin:
+        raise refuse(f"of shape {shape} and dtype {info['dtype']} needs {needed} bytes, but its range "
+                     f"{begin}..{end} holds {end - begin}")
+    return begin, end
+
+
 class _Tensors:
     """The tensors of one or more safetensors files, by normalised GPT-2 name, read one at a time.
 
     A safetensors file is an 8-byte header length, a JSON header (dtype, shape and byte range of
-    every tensor) and the raw bytes. ``get`` reads one tensor's bytes straight into a fresh tensor,
-    so loading holds one copy of the weights and no mapping of the file.
+    every tensor) and the raw bytes. Every range is checked against its shape, dtype, the file's size
+    and the other ranges before anything is allocated; ``get`` then reads one tensor's bytes straight
+    into a fresh tensor, so loading holds one copy of the weights and no mapping of the file.
     """
 
     def __init__(self, files: list[Path]):
         self.where: dict[str, tuple[Path, int, dict]] = {}
         self.metadata: dict[str, str] = {}
         for file in files:
-            try:
-                size = file.stat().st_size
-                with open(file, "rb") as handle:
-                    header_length = struct.unpack("<Q", handle.read(8))[0]
-                    if header_length > size - 8:
-                        raise ValueError(f"the header claims {header_length} bytes but the file has {size}")
-                    header = json.loads(handle.read(header_length))
-            except (OSError, ValueError, struct.error) as error:
-                raise WeightsError(f"{file} is truncated or not a safetensors file ({error})") from error
+            header, data_start, data_size = _read_header(file)
             self.metadata.update(header.pop("__metadata__", None) or {})
-            data_start = 8 + header_length
+            ranges = sorted((*_check_entry(file, key, info, data_size), key) for key, info in header.items())
+            for (_, previous_end, previous), (begin, _, key) in zip(ranges, ranges[1:]):
+                if begin < previous_end:
+                    raise WeightsError(f"{file}: tensors {previous} and {key} share bytes; the file is damaged, "
+                                       "save or download it again")
             for key, info in header.items():
-                if info["dtype"] not in _SAFETENSORS_DTYPES:
-                    raise WeightsError(f"{file}: {key} has dtype {info['dtype']}, which this loader does not read")
-                if data_start + info["data_offsets"][1] > size:
-                    raise WeightsError(f"{file} is truncated: {key} ends past the end of the file")
-                self.where[key.removeprefix("transformer.")] = (file, data_start, info)
+                name = key.removeprefix("transformer.")
+                if name in self.where:
+                    raise WeightsError(f"{file} holds {key}, which {self.where[name][0]} holds too; pass one model")
+                self.where[name] = (file, data_start, info)
 
     def names(self) -> set[str]:
         return set(self.where)
@@ -153,88 +272,129 @@ class _Tensors:
         if end > start:
             with open(file, "rb") as handle:
                 handle.seek(data_start + start)
-                handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+                if handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - start:
+                    raise WeightsError(f"{file} changed or was cut short while {name} was read from it")
         return tensor
 
 
-def _config_from(config_path: Path | None, tensors: _Tensors, drop_rate: float | None) -> GPTConfig:
-    if config_path is not None:
+# ---------------------------------------------------------------------------------------------
+# the model's sizes
+
+_HF_SIZES = {"vocab_size": "vocab_size", "n_positions": "context_length", "n_embd": "emb_dim", "n_head": "n_heads",
+             "n_layer": "n_layers"}  # config.json key -> GPTConfig field
+
+
+def _read_hf_config(config_path: Path) -> tuple[dict, float]:
+    """GPTConfig's sizes and the dropout rate that a Hugging Face GPT-2 ``config.json`` states."""
+    try:
         hf = json.loads(config_path.read_text())
-        activation = hf.get("activation_function", "gelu_new")
-        if activation not in {"gelu_new", "gelu_pytorch_tanh"}:
-            raise WeightsError(f"{config_path}: activation_function {activation!r} is not GPT-2's tanh GELU")
-        if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-            raise WeightsError(f"{config_path}: n_inner {hf['n_inner']} is not 4 x n_embd; GPTModel cannot hold it")
-        sizes = {"vocab_size": hf["vocab_size"], "context_length": hf["n_positions"], "emb_dim": hf["n_embd"],
-                 "n_heads": hf["n_head"], "n_layers": hf["n_layer"]}
-        default_drop = hf.get("resid_pdrop", 0.1)
-    else:  # infer what the shapes tell; the head count only from GPT-2's known widths
-        for required in ("wte.weight", "wpe.weight"):
-            if required not in tensors.names():
-                raise WeightsError(f"no config.json beside the weights, and no {required} to infer sizes from")
-        vocab_size, emb_dim = tensors.shape("wte.weight")
-        if emb_dim not in _HEADS_BY_WIDTH:
-            raise WeightsError(f"no config.json beside the weights, and width {emb_dim} is not a GPT-2 size, so the "
-                               "number of heads is unknown; put the model's config.json beside the file")
-        layers = {int(m.group(1)) for n in tensors.names() if (m := re.match(r"h\.(\d+)\.", n))}
-        sizes = {"vocab_size": vocab_size, "context_length": tensors.shape("wpe.weight")[0], "emb_dim": emb_dim,
-                 "n_heads": _HEADS_BY_WIDTH[emb_dim], "n_layers": len(layers)}
-        default_drop = 0.1
+    except (OSError, ValueError) as error:
+        raise WeightsError(f"{config_path} cannot be read as JSON ({error}); restore the model's "
+                           "config.json") from error
+    missing = [key for key in _HF_SIZES if not isinstance(hf, dict) or key not in hf]
+    if missing:
+        raise WeightsError(f"{config_path} lacks {', '.join(missing)}; a GPT-2 config.json states "
+                           f"{', '.join(_HF_SIZES)}: restore the model's own config.json")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in {"gelu_new", "gelu_pytorch_tanh"}:
+        raise WeightsError(f"{config_path}: activation_function {activation!r} is not GPT-2's tanh GELU")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise WeightsError(f"{config_path}: n_inner {hf['n_inner']} is not 4 x n_embd; GPTModel cannot hold it")
+    return {ours: hf[key] for key, ours in _HF_SIZES.items()}, hf.get("resid_pdrop", 0.1)
+
+
+def _infer_sizes(tensors: _Tensors) -> dict:
+    """GPTConfig's sizes read off the tensors' shapes (the head count only from GPT-2's known widths)."""
+    for required in ("wte.weight", "wpe.weight"):
+        if required not in tensors.names():
+            raise WeightsError(f"no config.json beside the weights, and no {required} to infer sizes from; put "
+                               "the model's config.json beside the file")
+    vocab_size, emb_dim = tensors.shape("wte.weight")
+    if emb_dim not in _HEADS_BY_WIDTH:
+        raise WeightsError(f"no config.json beside the weights, and width {emb_dim} is not a GPT-2 size, so the "
+                           "number of heads is unknown; put the model's config.json beside the file")
+    layers = {int(m.group(1)) for n in tensors.names() if (m := re.match(r"h\.(\d+)\.", n))}
+    return {"vocab_size": vocab_size, "context_length": tensors.shape("wpe.weight")[0], "emb_dim": emb_dim,
+            "n_heads": _HEADS_BY_WIDTH[emb_dim], "n_layers": len(layers)}
+
+
+def _config_from(config_path: Path | None, tensors: _Tensors, drop_rate: float | None, source: str) -> GPTConfig:
+    if config_path is not None:
+        sizes, file_drop = _read_hf_config(config_path)
+    else:
+        sizes, file_drop = _infer_sizes(tensors), 0.1
     tied = "lm_head.weight" not in tensors.names()
-    if not tied:  # an explicit head may still be a copy of the embedding
+    if not tied and "wte.weight" in tensors.names():  # an explicit head may still be a copy of the embedding
         tied = torch.equal(tensors.get("lm_head.weight"), tensors.get("wte.weight"))
-    return GPTConfig(**sizes, drop_rate=default_drop if drop_rate is None else drop_rate, qkv_bias=True,
-                     tie_weights=tied)
+    try:
+        return GPTConfig(**sizes, drop_rate=file_drop if drop_rate is None else drop_rate, qkv_bias=True,
+                         tie_weights=tied)
+    except (TypeError, ValueError) as error:
+        raise WeightsError(f"{config_path or source} states sizes GPTModel cannot take: {error}; restore the "
+                           "model's own config.json") from error
 
 
-def _mapped_names(cfg: GPTConfig) -> dict[str, tuple[str | tuple[str, ...], str | None]]:
-    """GPT-2 name -> (our name(s), transform) for every tensor of a model of size ``cfg``."""
-    table = {hf: (ours, how) for hf, ours, how in TOP_TABLE}
-    for layer in range(cfg.n_layers):
-        for hf, ours, how in BLOCK_TABLE:
-            names = tuple(f"blocks.{layer}.{n}" for n in ours) if isinstance(ours, tuple) else f"blocks.{layer}.{ours}"
-            table[f"h.{layer}.{hf}"] = (names, how)
-    if not cfg.tie_weights:
-        table["lm_head.weight"] = ("out_head.weight", None)
-    return table
+# ---------------------------------------------------------------------------------------------
+# loading
 
 
-def _expected_shape(model: GPTModel, ours: str | tuple[str, ...], how: str | None) -> list[int]:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    if isinstance(ours, tuple):
-        first = list(params[ours[0]].shape)
-        return [first[1], 3 * first[0]] if how == "split_t" else [3 * first[0]]
-    shape = list(params[ours].shape)
-    return shape[::-1] if how == "t" else shape
-
-
-def _convert(tensor: torch.Tensor, how: str | None) -> list[torch.Tensor]:
-    """Our layout of a GPT-2 tensor (``how`` from the name table)."""
-    if how == "t":
-        return [tensor.t().contiguous()]
-    if how == "split_t":
-        return [part.t().contiguous() for part in tensor.chunk(3, dim=1)]
-    if how == "split":
-        return [part.clone() for part in tensor.chunk(3, dim=0)]  # own storage each, so they save separately
-    return [tensor]
-
-
-def _load_ours(tensors: _Tensors, source: str, device, dtype) -> GPTModel:
+def _load_ours(tensors: _Tensors, source: str, device: torch.device, dtype: torch.dtype | None,
+               drop_rate: float | None) -> GPTModel:
     """A file written by helpers.train.save_checkpoint or helpers.pretrain: our own names."""
-    config = tensors.metadata.get("config")
-    if not config or config == "null":
-        raise WeightsError(f"{source} uses GPTModel's tensor names but records no config in its metadata")
-    cfg = GPTConfig.from_dict(json.loads(config))
+    try:
+        saved = json.loads(tensors.metadata.get("config") or "null")
+        if drop_rate is not None and isinstance(saved, dict):
+            saved = {**saved, "drop_rate": drop_rate}
+        cfg = GPTConfig.from_dict(saved) if saved else None
+    except (TypeError, ValueError) as error:
+        raise WeightsError(f"{source} records a model config GPTModel cannot take ({error}); load it with "
+                           "helpers.checkpoint.load_checkpoint into a model you build") from error
+    if cfg is None:
+        raise WeightsError(f"{source} uses GPTModel's tensor names but records no config in its metadata; load it "
+                           "with helpers.checkpoint.load_checkpoint into a model you build")
     with torch.device("meta"):
         model = GPTModel(cfg)
-    state = {}
     expected = dict(model.named_parameters(remove_duplicate=False))
+    state = {}
     for name in tensors.names():
         if name not in expected:
             raise WeightsError(f"{source} holds {name}, which GPTModel does not have")
+        _check_shape(source, name, tensors.shape(name), list(expected[name].shape))
         state[name] = tensors.get(name).to(device=device, dtype=dtype)
     if cfg.tie_weights and "tok_emb.weight" not in state and "out_head.weight" in state:
         state["tok_emb.weight"] = state["out_head.weight"]
+    return _assign(model, state, source)
+
+
+def _check_shape(source: str, name: str, actual: list[int], expected: list[int]) -> None:
+    if actual != expected:
+        raise WeightsError(f"{source}: {name} has shape {actual}, but a model with this config needs {expected}; "
+                           "check that the config belongs to these weights")
+
+
+def _load_hf_names(tensors: _Tensors, cfg: GPTConfig, source: str, device: torch.device,
+                   dtype: torch.dtype | None) -> GPTModel:
+    """A file in GPT-2's names: every tensor through its row of the name table."""
+    table = _mapped_names(cfg)
+    stored = {name for name in tensors.names() if not _BUFFERS.fullmatch(name)}
+    if cfg.tie_weights:
+        stored.discard("lm_head.weight")
+    unexpected = sorted(stored - set(table))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise WeightsError(f"{source} holds {unexpected[0]} (shape {tensors.shape(unexpected[0])}), which a GPT-2 "
+                           f"of {cfg.n_layers} layers does not have{more}; check that the config belongs to it")
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    shapes = {name: list(param.shape) for name, param in model.named_parameters(remove_duplicate=False)}
+    state: dict[str, torch.Tensor] = {}
+    for hf_name, (ours, how) in table.items():
+        expected = how.hf_shape([shapes[name] for name in ours])
+        if hf_name not in stored:
+            raise WeightsError(f"{source} has no tensor {hf_name} (expected shape {expected})")
+        _check_shape(source, hf_name, tensors.shape(hf_name), expected)
+        for our_name, tensor in zip(ours, how.to_ours(tensors.get(hf_name)), strict=True):
+            state[our_name] = tensor.to(device=device, dtype=dtype)
     return _assign(model, state, source)
 
 
@@ -244,13 +404,28 @@ def _assign(model: GPTModel, state: dict[str, torch.Tensor], source: str) -> GPT
     for name, param in model.named_parameters(remove_duplicate=False):
         if name not in state:
             raise WeightsError(f"{source} has no tensor for {name} (shape {list(param.shape)})")
-        if list(state[name].shape) != list(param.shape):
-            raise WeightsError(f"{source}: {name} has shape {list(state[name].shape)}, the model needs "
-                               f"{list(param.shape)}")
+        _check_shape(source, name, list(state[name].shape), list(param.shape))
     model.load_state_dict(state, strict=True, assign=True)
     if model.cfg.tie_weights:
         model.out_head.weight = model.tok_emb.weight
     return model.eval()
+
+
+def _checked_arguments(name_or_path: object, device: object, dtype: object,
+                       drop_rate: object) -> torch.device:
+    """load_gpt2's arguments, refused with the argument named; the device to load onto."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"load_gpt2: name_or_path must be a GPT-2 name or a path, got {type(name_or_path).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"load_gpt2: dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, "
+                         f"...) or None for the file's, got {dtype!r}")
+    if drop_rate is not None and (isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float))
+                                  or not 0.0 <= drop_rate < 1.0):
+        raise ValueError(f"load_gpt2: drop_rate must be a number in [0, 1) or None for the config's, got {drop_rate!r}")
+    try:
+        return torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"load_gpt2: device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from error
 
 
 def load_gpt2(name_or_path: str | os.PathLike, device: torch.device | str | None = None,
@@ -258,55 +433,26 @@ def load_gpt2(name_or_path: str | os.PathLike, device: torch.device | str | None
     """Return a ``GPTModel`` (in eval mode) holding GPT-2 weights.
 
     ``name_or_path`` is one of ``GPT2_NAMES`` (downloaded from the Hugging Face hub, which caches
-    and verifies), a folder in Hugging Face layout (``config.json`` + ``model.safetensors``), or a
-    ``.safetensors`` file. Both the hub's GPT-2 names (``h.0.attn.c_attn.weight``) and
-    ``GPT2LMHeadModel``'s (``transformer.`` prefix) load, as do files saved by this project.
-    Tensors are read from the file one at a time into a model built on the meta device, so at
-    most one full copy of the weights (plus one tensor in transit) is in memory. ``device`` defaults to the CPU,
-    ``dtype`` to the file's; ``drop_rate`` overrides the config's dropout (for finetuning).
+    and verifies), a folder in Hugging Face layout (``config.json`` + ``model.safetensors``, or shards
+    with their ``model.safetensors.index.json``), or a ``.safetensors`` file. Both the hub's GPT-2 names
+    (``h.0.attn.c_attn.weight``) and ``GPT2LMHeadModel``'s (``transformer.`` prefix) load, as do files
+    saved by this project. Tensors are read from the file one at a time into a model built on the meta
+    device, so at most one full copy of the weights (plus one tensor in transit) is in memory. ``device``
+    defaults to the CPU, ``dtype`` to the file's; ``drop_rate`` overrides the config's dropout (for
+    finetuning). A file that is damaged or does not fit its config raises ``WeightsError``.
     """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    key = str(name_or_path)
-    if key in GPT2_NAMES or key in GPT2_NAMES.values():
-        name = key if key in GPT2_NAMES else next(n for n, repo in GPT2_NAMES.items() if repo == key)
-        config_path, files = _download(name)
-    else:
-        path = Path(name_or_path).expanduser()
-        if not path.exists():
-            raise WeightsError(f"{key!r} is neither a GPT-2 name ({', '.join(GPT2_NAMES)}) nor an existing "
-                               "file or folder")
-        config_path, files = _local_files(path)
+    device = _checked_arguments(name_or_path, device, dtype, drop_rate)
+    config_path, files = _find_files(name_or_path)
     tensors = _Tensors(files)
     source = str(files[0] if len(files) == 1 else files[0].parent)
     if tensors.names() & {"tok_emb.weight", "out_head.weight"}:  # GPTModel's own names (a tied file keeps one)
-        return _load_ours(tensors, source, device, dtype)
+        return _load_ours(tensors, source, device, dtype, drop_rate)
+    cfg = _config_from(config_path, tensors, drop_rate, source)
+    return _load_hf_names(tensors, cfg, source, device, dtype)
 
-    cfg = _config_from(config_path, tensors, drop_rate)
-    table = _mapped_names(cfg)
-    stored = {name for name in tensors.names() if not _BUFFERS.fullmatch(name)}
-    if cfg.tie_weights:
-        stored.discard("lm_head.weight")
-    unexpected = sorted(stored - set(table))
-    if unexpected:
-        raise WeightsError(f"{source} holds {unexpected[0]} (shape {tensors.shape(unexpected[0])}), which a GPT-2 "
-                           f"of {cfg.n_layers} layers does not have" + (f" (and {len(unexpected) - 1} more)"
-                                                                       if len(unexpected) > 1 else ""))
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    state: dict[str, torch.Tensor] = {}
-    for hf_name, (ours, how) in table.items():
-        expected = _expected_shape(model, ours, how)
-        if hf_name not in stored:
-            raise WeightsError(f"{source} has no tensor {hf_name} (expected shape {expected})")
-        actual = tensors.shape(hf_name)
-        if actual != expected:
-            raise WeightsError(f"{source}: {hf_name} has shape {actual}, but a model with this config needs "
-                               f"{expected}")
-        converted = _convert(tensors.get(hf_name), how)
-        names = ours if isinstance(ours, tuple) else (ours,)
-        for our_name, tensor in zip(names, converted):
-            state[our_name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    return _assign(model, state, source)
+
+# ---------------------------------------------------------------------------------------------
+# saving
 
 
 def _hf_config(cfg: GPTConfig) -> dict:
@@ -327,36 +473,26 @@ def save_hf_gpt2(model: GPTModel, directory: str | os.PathLike) -> Path:
 
     ``transformers.GPT2LMHeadModel.from_pretrained(directory)`` and ``load_gpt2(directory)`` both
     load it. A model without qkv bias gets zero biases (GPT-2 always has them), which computes the same.
+    Each file is written to a temporary name and renamed into place.
     """
-    from helpers.train import unwrap_model
-
     model = unwrap_model(model)
     if not isinstance(model, GPTModel):
         raise TypeError(f"save_hf_gpt2 needs a GPTModel, got {type(model).__name__}")
-    cfg = model.cfg
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise WeightsError(f"save_hf_gpt2: {directory} exists and is not a folder; pass a folder to write into")
     params = dict(model.named_parameters(remove_duplicate=False))
+    if any(param.is_meta for param in params.values()):
+        raise WeightsError("save_hf_gpt2: the model's weights are on the meta device (no values); load or "
+                           "initialise them first")
+    bias = torch.zeros(model.cfg.emb_dim, dtype=params["tok_emb.weight"].dtype)  # for a model without qkv bias
     tensors: dict[str, torch.Tensor] = {}
-    for hf_name, (ours, how) in _mapped_names(cfg).items():
-        names = ours if isinstance(ours, tuple) else (ours,)
-        parts = []
-        for our_name in names:
-            tensor = params.get(our_name)
-            if tensor is None:  # qkv bias of a model built without it
-                tensor = torch.zeros(cfg.emb_dim, dtype=params["tok_emb.weight"].dtype)
-            parts.append(tensor.detach().to("cpu"))
-        if how == "t":
-            tensor = parts[0].t()
-        elif how == "split_t":
-            tensor = torch.cat([p.t() for p in parts], dim=1)
-        elif how == "split":
-            tensor = torch.cat(parts, dim=0)
-        else:
-            tensor = parts[0]
-        prefix = "" if hf_name == "lm_head.weight" else "transformer."
-        tensors[prefix + hf_name] = tensor.contiguous().clone()
-    weights, config = directory / "model.safetensors", directory / "config.json"
-    write_atomically(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    write_atomically(config, lambda tmp: tmp.write_text(json.dumps(_hf_config(cfg), indent=2)))
+    for hf_name, (ours, how) in _mapped_names(model.cfg).items():
+        parts = [params[name].detach().to("cpu") if name in params else bias for name in ours]
+        prefix = "" if hf_name == HEAD_ROW[0] else "transformer."
+        tensors[prefix + hf_name] = how.to_hf(parts).contiguous().clone()
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomically(directory / "model.safetensors",
+                     lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_atomically(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(_hf_config(model.cfg), indent=2)))
     return directory
