@@ -1,0 +1,362 @@
+"""Tests for helpers.instruct: splits, the prompt format, batches, the loss on them, answers, ROUGE-L, the judge."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers.generate import generate
+from helpers.instruct import (
+    InstructionDataError,
+    InstructionDataset,
+    baseline_scores,
+    collate_instructions,
+    constant_baseline,
+    echo_baseline,
+    extract_response,
+    format_input,
+    format_training_text,
+    generate_responses,
+    judge_responses,
+    load_instruction_splits,
+    mean_rouge_l,
+    parse_score,
+    rouge_l,
+)
+from helpers.model import GPTConfig, GPTModel
+from helpers.train import calc_loss_batch
+
+PREAMBLE = ("Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request.")
+WITH_INPUT = {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
+              "output": "The car is as fast as lightning."}
+WITHOUT_INPUT = {"instruction": "Name a primary color.", "input": "", "output": "Red."}
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_instruction_splits()
+
+
+@pytest.fixture(scope="module")
+def file_records(splits):
+    from helpers.data import fetch
+
+    return json.loads(fetch("instruction-data").read_text(encoding="utf-8"))
+
+
+# --- splits -------------------------------------------------------------------------------------------
+
+
+def test_splits_are_935_110_55_in_the_files_order(splits, file_records):
+    train, test, validation = splits
+    assert (len(train), len(test), len(validation)) == (935, 110, 55)
+    assert train + test + validation == file_records
+
+
+def test_a_seed_shuffles_a_copy_with_random_random_before_splitting(file_records):
+    expected = list(file_records)
+    random.Random(7).shuffle(expected)
+    train, test, validation = load_instruction_splits(seed=7)
+    assert train + test + validation == expected
+    assert load_instruction_splits(seed=7)[1] == test  # the same seed, the same split
+    assert test != load_instruction_splits(seed=8)[1]
+
+
+def test_a_malformed_record_is_refused_naming_its_index(tmp_path, monkeypatch):
+    records = [WITH_INPUT, WITHOUT_INPUT, {"instruction": "x", "input": "", "output": 3}]
+    path = tmp_path / "instruction-data.json"
+    path.write_text(json.dumps(records))
+    monkeypatch.setattr("helpers.instruct.fetch", lambda name: path)
+    with pytest.raises(InstructionDataError, match=r"record 2 field 'output' is a int"):
+        load_instruction_splits()
+    path.write_text(json.dumps([WITH_INPUT, {"instruction": "x", "output": "y"}]))
+    with pytest.raises(InstructionDataError, match=r"record 1 has no 'input' key"):
+        load_instruction_splits()
+
+
+# --- the prompt ---------------------------------------------------------------------------------------
+
+
+def test_format_input_with_an_input_shows_both_sections():
+    expected = (f"{PREAMBLE}\n\n### Instruction:\nRewrite the sentence using a simile."
+                "\n\n### Input:\nThe car is very fast.")
+    assert format_input(WITH_INPUT) == expected
+
+
+def test_format_input_without_an_input_has_no_input_section():
+    assert format_input(WITHOUT_INPUT) == f"{PREAMBLE}\n\n### Instruction:\nName a primary color."
+
+
+def test_training_text_appends_the_response_and_extraction_recovers_it():
+    text = format_training_text(WITHOUT_INPUT)
+    assert text == f"{PREAMBLE}\n\n### Instruction:\nName a primary color.\n\n### Response:\nRed."
+    prompt = format_input(WITHOUT_INPUT)
+    assert extract_response(text, prompt) == "Red."
+    assert extract_response(text + "<|endoftext|>More text", prompt) == "Red."
+    assert extract_response(text) == "Red."  # without the prompt: what follows the header
+
+
+# --- batches ------------------------------------------------------------------------------------------
+
+
+def test_collate_matches_the_issues_worked_example():
+    inputs, targets = collate_instructions([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, 50256, 50256, 50256], [7, 8, 9, 50256, 50256]]
+    assert targets.tolist() == [[1, 2, 3, 4, 50256], [6, 50256, -100, -100, -100], [8, 9, 50256, -100, -100]]
+    assert inputs.dtype == targets.dtype == torch.long
+
+
+def test_collate_truncates_to_allowed_max_length():
+    inputs, targets = collate_instructions([[0, 1, 2, 3, 4], [5, 6]], allowed_max_length=3)
+    assert inputs.tolist() == [[0, 1, 2], [5, 6, 50256]]
+    assert targets.tolist() == [[1, 2, 3], [6, 50256, -100]]
+
+
+def test_collate_masks_the_prompt_targets_when_asked():
+    # prompt of 3 tokens: targets 0 and 1 (predicting prompt tokens 1 and 2) are ignored; target 2 predicts the answer
+    inputs, targets = collate_instructions([([10, 11, 12, 13, 14], 3), ([20, 21, 22], 2)], mask_prompt=True)
+    assert inputs.tolist() == [[10, 11, 12, 13, 14], [20, 21, 22, 50256, 50256]]
+    assert targets.tolist() == [[-100, -100, 13, 14, 50256], [-100, 22, 50256, -100, -100]]
+    unmasked = collate_instructions([([10, 11, 12, 13, 14], 3)])[1]  # items with lengths, mask off
+    assert unmasked.tolist() == [[11, 12, 13, 14, 50256]]
+
+
+def test_collate_refuses_masking_without_prompt_lengths_and_empty_input():
+    with pytest.raises(ValueError, match="return_prompt_length=True"):
+        collate_instructions([[1, 2, 3]], mask_prompt=True)
+    with pytest.raises(ValueError, match="empty batch"):
+        collate_instructions([])
+    with pytest.raises(ValueError, match="allowed_max_length"):
+        collate_instructions([[1, 2]], allowed_max_length=0)
+
+
+def test_dataset_items_are_the_whole_texts_tokens_and_the_prompts_length(splits, tiktoken_gpt2):
+    entries = splits[1][:20]
+    dataset = InstructionDataset(entries, tiktoken_gpt2, return_prompt_length=True)
+    for entry, (ids, prompt_length) in zip(entries, dataset):
+        assert ids == tiktoken_gpt2.encode(format_training_text(entry))
+        prompt = format_input(entry) + "\n\n### Response:\n"
+        assert ids[:prompt_length] == tiktoken_gpt2.encode(prompt)
+        assert tiktoken_gpt2.decode(ids[prompt_length:]) == entry["output"]
+    assert InstructionDataset(entries, tiktoken_gpt2)[0] == dataset[0][0]
+
+
+def test_chunked_loss_ignores_masked_targets_as_cross_entropy_does(splits, tiktoken_gpt2):
+    # given a tiny GPT-2-vocabulary model and a prompt-masked batch from the real data
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=50257, context_length=64, emb_dim=16, n_heads=2, n_layers=1,
+                               drop_rate=0.0))
+    dataset = InstructionDataset(splits[0][:4], tiktoken_gpt2, return_prompt_length=True)
+    inputs, targets = collate_instructions(list(dataset), allowed_max_length=64, mask_prompt=True)
+    assert (targets == -100).sum() > targets.numel() // 2  # most targets are prompt or padding
+    # when the loss is computed both ways
+    loss = calc_loss_batch(inputs, targets, model, "cpu")
+    grads = torch.autograd.grad(loss, [model.out_head.weight, model.tok_emb.weight])
+    reference = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    ref_grads = torch.autograd.grad(reference, [model.out_head.weight, model.tok_emb.weight])
+    # then the values and the gradients agree
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+# --- answers ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def answer_model():
+    torch.manual_seed(3)
+    return GPTModel(GPTConfig(vocab_size=50257, context_length=128, emb_dim=32, n_heads=2, n_layers=2,
+                              drop_rate=0.0)).eval()
+
+
+def test_generate_responses_equal_answers_generated_one_at_a_time(splits, answer_model, tiktoken_gpt2, tmp_path):
+    entries = splits[1][:12]
+    lengths = [len(tiktoken_gpt2.encode(format_input(e) + "\n\n### Response:\n")) for e in entries]
+    assert len(set(lengths)) < len(lengths)  # some prompts share a length, so some batches hold several
+    out_path = tmp_path / "answers.json"
+    answered = generate_responses(answer_model, tiktoken_gpt2, entries, max_new_tokens=6, out_path=out_path,
+                                  batch_size=4, progress=False)
+    for entry, result in zip(entries, answered):
+        prompt = format_input(entry) + "\n\n### Response:\n"
+        idx = torch.tensor([tiktoken_gpt2.encode(prompt)])
+        out = generate(answer_model, idx, 6, eos_id=50256)
+        text = tiktoken_gpt2.decode(out[0].tolist())
+        assert result["model_response"] == extract_response(text, prompt)
+        assert {k: v for k, v in result.items() if k != "model_response"} == entry
+    assert json.loads(out_path.read_text(encoding="utf-8")) == answered
+    single = generate_responses(answer_model, tiktoken_gpt2, entries, max_new_tokens=6, batch_size=1,
+                                progress=False)
+    assert single == answered
+
+
+def test_generate_responses_refuses_a_bad_batch_size(answer_model, tiktoken_gpt2):
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_responses(answer_model, tiktoken_gpt2, [WITH_INPUT], batch_size=0)
+
+
+# --- ROUGE-L ------------------------------------------------------------------------------------------
+
+
+def test_rouge_l_of_identical_texts_is_one_and_of_disjoint_texts_zero():
+    assert rouge_l("The car is as fast as lightning.", "the car is AS fast as lightning") == 1.0
+    assert rouge_l("red green", "blue yellow") == 0.0
+    assert rouge_l("", "anything") == 0.0
+
+
+def test_rouge_l_partial_overlap_matches_a_hand_computation():
+    # candidate words: paris is the capital of france (6); reference: the capital is paris (4)
+    # longest common subsequence: "the capital" (2) -> P = 2/6, R = 2/4, F1 = 2PR / (P + R) = 0.4
+    assert rouge_l("Paris is the capital of France.", "The capital is Paris.") == pytest.approx(0.4)
+
+
+def test_rouge_l_equals_rouge_score_on_the_echo_baseline(splits):
+    rouge_score = pytest.importorskip("rouge_score")
+    from rouge_score import rouge_scorer, tokenize
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    compared = 0
+    for entry in echo_baseline(splits[1]):
+        candidate, reference = entry["model_response"], entry["output"]
+        ours_tokenize = [re.findall(r"\w+", text.lower()) for text in (candidate, reference)]
+        if ours_tokenize != [tokenize.tokenize(text, None) for text in (candidate, reference)]:
+            continue  # the two tokenizers disagree (underscores, accented letters): not comparable
+        compared += 1
+        expected = scorer.score(reference, candidate)["rougeL"].fmeasure
+        assert rouge_l(candidate, reference) == pytest.approx(expected, abs=1e-12), (candidate, reference)
+    assert compared >= 100, f"only {compared} of {len(splits[1])} pairs tokenize alike"
+    assert rouge_score is not None
+
+
+def test_baselines_score_as_the_issue_measured(splits):
+    scores = baseline_scores(splits[1])
+    assert scores["echo"] == pytest.approx(0.43, abs=0.005)
+    assert scores["constant"] < scores["echo"]
+    assert scores["constant"] == pytest.approx(mean_rouge_l(constant_baseline(splits[1])))
+    with pytest.raises(KeyError, match="generate_responses"):
+        mean_rouge_l(splits[1])
+
+
+# --- the judge ----------------------------------------------------------------------------------------
+
+
+class _Judge(BaseHTTPRequestHandler):
+    """A fake chat server: replies with the next of ``server.replies`` in the form the request asks for."""
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((self.path, body))
+        reply = self.server.replies.pop(0) if len(self.server.replies) > 1 else self.server.replies[0]
+        if self.server.delay:
+            time.sleep(self.server.delay)
+        if isinstance(reply, int):  # an HTTP error status
+            return self._send(reply, json.dumps({"error": "model 'llama3' not found, try pulling it first"}))
+        if self.path.endswith("/v1/chat/completions"):
+            return self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}))
+        if body.get("stream"):
+            chunks = [reply[: len(reply) // 2], reply[len(reply) // 2:]]
+            lines = [json.dumps({"message": {"role": "assistant", "content": c}, "done": False}) for c in chunks]
+            lines.append(json.dumps({"message": {"role": "assistant", "content": ""}, "done": True}))
+            return self._send(200, "\n".join(lines) + "\n")
+        return self._send(200, json.dumps({"message": {"role": "assistant", "content": reply}, "done": True}))
+
+    def _send(self, status, text):
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):  # keep the test output quiet
+        pass
+
+
+@pytest.fixture
+def judge_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    server.daemon_threads = True
+    server.requests, server.replies, server.delay = [], ["50"], 0.0
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+ANSWERED = [{**WITH_INPUT, "model_response": "The car is like a rocket."},
+            {**WITHOUT_INPUT, "model_response": "Blue."}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_judge_sends_ollamas_chat_request_and_parses_the_scores(judge_server, stream):
+    judge_server.replies = ["85", " 7\n"]
+    scores = judge_responses(ANSWERED, url=f"{judge_server.url}/api/chat", model="llama3", timeout=5,
+                             stream=stream, progress=False)
+    assert scores == [85, 7]
+    path, body = judge_server.requests[0]
+    assert path == "/api/chat" and body["model"] == "llama3" and body["stream"] is stream
+    assert [message["role"] for message in body["messages"]] == ["user"]
+    content = body["messages"][0]["content"]
+    for text in (WITH_INPUT["instruction"], WITH_INPUT["output"], "The car is like a rocket.", "0 to 100"):
+        assert text in content
+
+
+def test_judge_speaks_the_openai_form_for_a_v1_url(judge_server):
+    judge_server.replies = ["64"]
+    scores = judge_responses(ANSWERED[:1], url=f"{judge_server.url}/v1/chat/completions", model="m", timeout=5,
+                             progress=False)
+    assert scores == [64]
+    path, body = judge_server.requests[0]
+    assert path == "/v1/chat/completions" and body["model"] == "m" and "options" not in body
+    assert body["messages"][0]["role"] == "user"
+
+
+def test_judge_asks_again_once_after_a_malformed_answer(judge_server):
+    judge_server.replies = ["I would say 80 out of 100", "80", "about ninety", "101"]
+    assert judge_responses(ANSWERED, url=f"{judge_server.url}/api/chat", timeout=5, progress=False) == [80, None]
+    assert len(judge_server.requests) == 4  # one retry per entry, no more
+
+
+def test_parse_score_accepts_exactly_one_integer_from_0_to_100():
+    assert [parse_score(text) for text in ["85", " 100\n", "0", "42."]] == [85, 100, 0, 42]
+    assert [parse_score(text) for text in ["101", "85/100", "-3", "Score: 85", "8 5", ""]] == [None] * 6
+
+
+def test_judge_gives_up_with_a_message_when_the_server_is_too_slow(judge_server, capsys):
+    judge_server.delay = 0.5
+    start = time.perf_counter()
+    scores = judge_responses(ANSWERED, url=f"{judge_server.url}/api/chat", timeout=0.1, progress=False)
+    assert scores == [None, None]
+    assert time.perf_counter() - start < 3
+    assert len(judge_server.requests) == 2  # the first entry and its retry, then it stops
+    assert "did not answer within 0.1 s" in capsys.readouterr().out
+
+
+def test_judge_reports_a_dead_server_and_returns_none(capsys):
+    with socket.socket() as probe:  # a port that was free a moment ago and has nothing listening now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    scores = judge_responses(ANSWERED, url=f"http://127.0.0.1:{port}/api/chat", timeout=2, progress=False)
+    assert scores == [None, None]
+    message = capsys.readouterr().out
+    assert "ollama serve" in message and "ollama pull llama3" in message and "url=" in message
+    assert message.count("\n") == 1
+
+
+def test_judge_reports_a_missing_model(judge_server, capsys):
+    judge_server.replies = [404]
+    assert judge_responses(ANSWERED, url=f"{judge_server.url}/api/chat", timeout=5, progress=False) == [None, None]
+    message = capsys.readouterr().out
+    assert "HTTP 404" in message and "ollama pull llama3" in message
