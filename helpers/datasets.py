@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["GPTDataset", "create_dataloader"]
+
+
+def _check_count(name: str, value, smallest: int) -> None:
+    """Refuse ``value`` unless it is an integer >= ``smallest``, naming the argument."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < smallest:
+        need = "positive (an integer >= 1)" if smallest == 1 else f"an integer >= {smallest}"
+        raise ValueError(f"{name} must be {need}, got {value!r}")
 
 
 class GPTDataset(Dataset):
@@ -18,8 +26,8 @@ class GPTDataset(Dataset):
     """
 
     def __init__(self, token_ids: Sequence[int] | torch.Tensor, max_length: int, stride: int):
-        if max_length < 1 or stride < 1:
-            raise ValueError(f"max_length ({max_length}) and stride ({stride}) must be positive")
+        _check_count("max_length", max_length, 1)
+        _check_count("stride", stride, 1)
         self.token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
         self.max_length = max_length
         self.stride = stride
@@ -49,16 +57,18 @@ def create_dataloader(text: str, batch_size: int = 4, max_length: int = 256, str
 
     Each batch is a pair of ``(batch_size, max_length)`` long tensors: inputs and targets. With
     ``seed``, the shuffling order is fixed by that seed instead of PyTorch's global generator.
+    ``<|endoftext|>`` in the text becomes its special id where the tokenizer has one.
     """
-    if tokenizer is None:
-        from helpers.tokenizers import gpt2_tokenizer
+    for name, value, smallest in [("batch_size", batch_size, 1), ("max_length", max_length, 1),
+                                  ("stride", stride, 1), ("num_workers", num_workers, 0)]:
+        _check_count(name, value, smallest)
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    from helpers.tokenizers import encode_with_endoftext, gpt2_tokenizer
 
+    if tokenizer is None:
         tokenizer = gpt2_tokenizer()
-    try:
-        token_ids = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
-    except TypeError:  # a tokenizer without special-token options, e.g. SimpleTokenizerV2
-        token_ids = tokenizer.encode(text)
-    dataset = GPTDataset(token_ids, max_length, stride)
+    dataset = GPTDataset(encode_with_endoftext(tokenizer, text), max_length, stride)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       num_workers=num_workers, generator=generator)

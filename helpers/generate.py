@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import nn
 
 from helpers.model import GPTModel
+from helpers.tokenizers import encode_with_endoftext
 
 __all__ = ["filter_logits", "generate", "sample_next_token", "text_to_token_ids", "token_ids_to_text"]
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
-    """Encode ``text`` into a ``(1, n_tokens)`` tensor (``<|endoftext|>`` allowed)."""
-    try:
-        ids = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
-    except TypeError:  # a tokenizer without special-token options
-        ids = tokenizer.encode(text)
-    return torch.tensor(ids, dtype=torch.long).unsqueeze(0)
+    """Encode ``text`` into a ``(1, n_tokens)`` tensor (``<|endoftext|>`` allowed where the tokenizer has it)."""
+    return torch.tensor(encode_with_endoftext(tokenizer, text), dtype=torch.long).unsqueeze(0)
 
 
 def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
@@ -28,11 +28,15 @@ def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
     return tokenizer.decode(token_ids.tolist())
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and (not _is_integer(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
@@ -70,6 +74,22 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
     token is sampled from their softmax.
     """
     _check_sampling(temperature, top_k, top_p)
+    _check_logits(logits, "sample_next_token")
+    return _pick(logits, temperature, top_k, top_p, generator)
+
+
+def _check_logits(logits: torch.Tensor, where: str) -> None:
+    """Refuse logits that give no distribution: NaN, +inf, or a row that is -inf everywhere."""
+    # one reduction: a row's max is NaN if it holds a NaN, +inf if it holds +inf, -inf if all are -inf
+    if not bool(torch.isfinite(logits.amax(dim=-1)).all()):
+        raise ValueError(
+            f"{where}: the model produced NaN or infinite logits, so there is no next token to pick; "
+            "its weights have probably diverged (NaN/inf parameters) or its input is out of range"
+        )
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+          generator: torch.Generator | None) -> torch.Tensor:
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
     probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
@@ -95,20 +115,16 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
     _check_sampling(temperature, top_k, top_p)
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be (batch, n_tokens) with at least one token, got shape {tuple(idx.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    model_context = getattr(getattr(model, "cfg", None), "context_length", None)
-    if context_size is None:
-        if model_context is None:
-            raise ValueError("pass context_size: the model has no cfg.context_length to take it from")
-        context_size = model_context
-    elif model_context is not None and context_size > model_context:
-        raise ValueError(f"context_size ({context_size}) exceeds the model's context_length ({model_context})")
+    if not _is_integer(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if eos_id is not None and (not _is_integer(eos_id) or eos_id < 0):
+        raise ValueError(f"eos_id must be a token id (an integer >= 0) or None, got {eos_id!r}")
+    context_size = _context_size(model, context_size)
     use_cache = use_cache and isinstance(model, GPTModel)
 
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     cache, logits = None, None
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         if not use_cache:
             logits = model(idx[:, -context_size:])[:, -1, :]
         elif cache is None or cache.length >= context_size:  # (re)fill the cache from the window
@@ -116,7 +132,8 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
             logits = model(idx[:, -context_size:], cache)[:, -1, :]
         else:
             logits = model(idx[:, -1:], cache)[:, -1, :]
-        next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
+        _check_logits(logits, f"generate, step {step + 1} of {max_new_tokens}")
+        next_token = _pick(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             next_token = next_token.masked_fill(finished[:, None], eos_id)
             finished |= next_token[:, 0] == eos_id
@@ -124,3 +141,17 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
         if eos_id is not None and bool(finished.all()):
             break
     return idx
+
+
+def _context_size(model: nn.Module, context_size: int | None) -> int:
+    """The window the model sees: ``context_size``, checked against the model's, or the model's own."""
+    model_context = getattr(getattr(model, "cfg", None), "context_length", None)
+    if context_size is None:
+        if model_context is None:
+            raise ValueError("pass context_size: the model has no cfg.context_length to take it from")
+        return model_context
+    if not _is_integer(context_size) or context_size < 1:
+        raise ValueError(f"context_size must be a positive integer or None, got {context_size!r}")
+    if model_context is not None and context_size > model_context:
+        raise ValueError(f"context_size ({context_size}) exceeds the model's context_length ({model_context})")
+    return context_size

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import heapq
+import inspect
 import json
+import numbers
 import os
 import re
 from collections import Counter
@@ -23,6 +26,7 @@ __all__ = [
     "UnknownWordError",
     "build_vocab",
     "bytes_to_unicode",
+    "encode_with_endoftext",
     "gpt2_tokenizer",
     "split_words",
 ]
@@ -133,6 +137,29 @@ def gpt2_tokenizer():
         ) from error
 
 
+def encode_with_endoftext(tokenizer, text: str) -> list[int]:
+    """Encode ``text`` with any tokenizer here or tiktoken's, ``<|endoftext|>`` becoming its special id.
+
+    Tokenizers whose ``encode`` has an ``allowed_special`` parameter (tiktoken, ``BPETokenizer``) are
+    asked to allow ``<|endoftext|>`` where they know it; others (the word-level ones) get plain
+    ``encode(text)``. Errors raised inside ``encode`` reach the caller unchanged.
+    """
+    if not _has_parameter(tokenizer.encode, "allowed_special"):
+        return tokenizer.encode(text)
+    known = getattr(tokenizer, "special_tokens_set", None)  # tiktoken
+    if known is None:
+        known = getattr(tokenizer, "special_tokens", None)  # BPETokenizer
+    allowed = {ENDOFTEXT} if known is None or ENDOFTEXT in known else set()
+    return tokenizer.encode(text, allowed_special=allowed)
+
+
+def _has_parameter(function, name: str) -> bool:
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin without an inspectable signature
+        return False
+
+
 # --------------------------------------------------------------------------------------------
 # Byte-level BPE from scratch
 # --------------------------------------------------------------------------------------------
@@ -189,6 +216,100 @@ def _merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]
     return merged
 
 
+def _apply_merges(ids: list[int], ranks: dict[tuple[int, int], int],
+                  merges: dict[tuple[int, int], int]) -> list[int]:
+    """Merge adjacent tokens of ``ids`` as BPE does: always the pair learned first, leftmost first.
+
+    The tokens form a linked list (``after[i]`` and ``before[i]`` are the neighbours of position
+    ``i``) and the mergeable pairs wait in a heap keyed by (rank, position), so a chunk of n bytes
+    takes O(n log n) steps, not O(n^2). A merge keeps the left position and unlinks the right one;
+    heap entries whose pair has changed since they were pushed are skipped when they come up.
+    """
+    n = len(ids)
+    if n < 2:
+        return ids
+    tokens = list(ids)  # tokens[i] is -1 once position i has been merged into its left neighbour
+    after = [*range(1, n), -1]
+    before = list(range(-1, n - 1))
+    heap = [(ranks[pair], i) for i, pair in enumerate(zip(ids, ids[1:])) if pair in ranks]
+    heapq.heapify(heap)
+
+    def push(left: int, right: int) -> None:
+        rank = ranks.get((tokens[left], tokens[right]))
+        if rank is not None:
+            heapq.heappush(heap, (rank, left))
+
+    while heap:
+        rank, left = heapq.heappop(heap)
+        right = after[left]
+        if tokens[left] < 0 or right < 0 or ranks.get((tokens[left], tokens[right])) != rank:
+            continue  # stale: one of the two tokens has been merged since this entry was pushed
+        tokens[left] = merges[(tokens[left], tokens[right])]
+        tokens[right] = -1
+        after[left] = after[right]
+        if after[left] >= 0:
+            before[after[left]] = left
+            push(left, after[left])
+        if before[left] >= 0:
+            push(before[left], left)
+    return [token for token in tokens if token >= 0]
+
+
+def _check_training_settings(vocab_size: int, special_tokens: list[str]) -> None:
+    """Refuse a vocabulary size that is not an integer or leaves no room for the bytes and specials."""
+    if not isinstance(vocab_size, numbers.Integral) or isinstance(vocab_size, bool):
+        raise ValueError(f"vocab_size must be an integer, got {vocab_size!r}")
+    smallest = 256 + len(special_tokens)
+    if vocab_size < smallest:
+        raise ValueError(f"vocab_size ({vocab_size}) must be at least 256 bytes + {len(special_tokens)} "
+                         f"special tokens = {smallest}")
+    bad = [token for token in special_tokens if not isinstance(token, str) or not token]
+    if bad:
+        raise ValueError(f"special_tokens must be non-empty strings, got {bad}")
+
+
+def _learn_merges(chunk_counts: Counter[bytes], n_merges: int,
+                  progress: bool) -> tuple[dict[int, bytes], dict[tuple[int, int], int]]:
+    """Learn up to ``n_merges`` merges from chunks and their counts; return the vocabulary and the merges.
+
+    Pair counts are kept up to date incrementally: a merge recounts only the chunks that hold its pair.
+    """
+    from tqdm import tqdm
+
+    words = [list(chunk) for chunk in chunk_counts]
+    freqs = list(chunk_counts.values())
+    pair_counts: Counter[tuple[int, int]] = Counter()
+    where: dict[tuple[int, int], set[int]] = {}  # pair -> the words that hold it
+    for index, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freqs[index]
+            where.setdefault(pair, set()).add(index)
+
+    vocab = {byte: bytes([byte]) for byte in range(256)}
+    merges: dict[tuple[int, int], int] = {}
+    for step in tqdm(range(n_merges), desc="BPE merges", disable=not progress):
+        if not pair_counts:
+            break
+        # the most frequent pair; ties go to the smallest (left id, right id), so training is reproducible
+        best, count = max(pair_counts.items(), key=lambda item: (item[1], -item[0][0], -item[0][1]))
+        if count < 2:
+            break
+        new_id = 256 + step
+        merges[best] = new_id
+        vocab[new_id] = vocab[best[0]] + vocab[best[1]]
+        for index in where.pop(best, ()):
+            word, freq = words[index], freqs[index]
+            for pair in zip(word, word[1:]):  # forget the word's old pairs...
+                pair_counts[pair] -= freq
+                if pair_counts[pair] <= 0:
+                    del pair_counts[pair]
+            word = words[index] = _merge_pair(word, best, new_id)
+            for pair in zip(word, word[1:]):  # ...and count its new ones
+                pair_counts[pair] += freq
+                where.setdefault(pair, set()).add(index)
+    return vocab, merges
+
+
 class BPETokenizer:
     """Byte-level byte-pair encoding, written from scratch.
 
@@ -243,51 +364,13 @@ class BPETokenizer:
         stops early if no pair of tokens occurs twice anywhere (there is nothing left to learn).
         """
         special_tokens = list(dict.fromkeys(special_tokens))
-        smallest = 256 + len(special_tokens)
-        if vocab_size < smallest:
-            raise ValueError(f"vocab_size ({vocab_size}) must be at least 256 bytes + {len(special_tokens)} "
-                             f"special tokens = {smallest}")
+        _check_training_settings(vocab_size, special_tokens)
         compiled = regex.compile(self.pattern)
         chunk_counts: Counter[bytes] = Counter()
         for segment in _split_on_specials(text, special_tokens):
             if segment not in special_tokens:
                 chunk_counts.update(match.encode("utf-8") for match in compiled.findall(segment))
-
-        words = [list(chunk) for chunk in chunk_counts]
-        freqs = list(chunk_counts.values())
-        pair_counts: Counter[tuple[int, int]] = Counter()
-        where: dict[tuple[int, int], set[int]] = {}
-        for index, word in enumerate(words):
-            for pair in zip(word, word[1:]):
-                pair_counts[pair] += freqs[index]
-                where.setdefault(pair, set()).add(index)
-
-        vocab = {byte: bytes([byte]) for byte in range(256)}
-        merges: dict[tuple[int, int], int] = {}
-        n_merges = vocab_size - smallest
-        from tqdm import tqdm
-
-        for step in tqdm(range(n_merges), desc="BPE merges", disable=not progress):
-            if not pair_counts:
-                break
-            # the most frequent pair; ties go to the smallest (left id, right id), so training is reproducible
-            best, count = max(pair_counts.items(), key=lambda item: (item[1], -item[0][0], -item[0][1]))
-            if count < 2:
-                break
-            new_id = 256 + step
-            merges[best] = new_id
-            vocab[new_id] = vocab[best[0]] + vocab[best[1]]
-            for index in where.pop(best, ()):
-                word, freq = words[index], freqs[index]
-                for pair in zip(word, word[1:]):  # forget the word's old pairs...
-                    pair_counts[pair] -= freq
-                    if pair_counts[pair] <= 0:
-                        del pair_counts[pair]
-                word = words[index] = _merge_pair(word, best, new_id)
-                for pair in zip(word, word[1:]):  # ...and count its new ones
-                    pair_counts[pair] += freq
-                    where.setdefault(pair, set()).add(index)
-
+        vocab, merges = _learn_merges(chunk_counts, vocab_size - 256 - len(special_tokens), progress)
         next_id = 256 + len(merges)
         specials = {token: next_id + offset for offset, token in enumerate(special_tokens)}
         self._set_state(vocab, merges, specials)
@@ -299,14 +382,7 @@ class BPETokenizer:
         cached = self._cache.get(chunk)
         if cached is not None:
             return cached
-        ids = [self._byte_ids[byte] for byte in chunk]
-        ranks, merges = self._ranks, self.merges
-        while len(ids) > 1:
-            # the adjacent pair that was learned first is merged first
-            pair = min(zip(ids, ids[1:]), key=lambda p: ranks.get(p, len(ranks)))
-            if pair not in ranks:
-                break
-            ids = _merge_pair(ids, pair, merges[pair])
+        ids = _apply_merges([self._byte_ids[byte] for byte in chunk], self._ranks, self.merges)
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[chunk] = ids
@@ -371,13 +447,17 @@ class BPETokenizer:
     # -- files -------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the tokenizer as readable JSON (tokens in GPT-2's printable byte alphabet)."""
+        """Write the tokenizer as readable JSON (tokens in GPT-2's printable byte alphabet), atomically."""
         path = Path(path)
+        by_text = {_printable(token): index for index, token in sorted(self.vocab.items())}
+        if len(by_text) != len(self.vocab):
+            raise ValueError(f"cannot save to {path}: two token ids have the same bytes, and the file maps each "
+                             "token's text to one id")
         document = {
             "format": _FORMAT,
             "version": 1,
             "pattern": self.pattern,
-            "vocab": {_printable(token): index for index, token in sorted(self.vocab.items())},
+            "vocab": by_text,
             "merges": [f"{_printable(self.vocab[a])} {_printable(self.vocab[b])}" for a, b in self.merges],
             "special_tokens": self.special_tokens,
         }
@@ -386,53 +466,134 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BPETokenizer:
-        """Read a tokenizer written by ``save``."""
+        """Read a tokenizer written by ``save``.
+
+        A file that is not one, lacks a key, has a value of the wrong type or contradicts itself
+        (merges and vocabulary sizes, ids, tokens) raises ``ValueError`` naming the file.
+        """
         path = Path(path)
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: not a readable tokenizer file ({error})") from error
+        document = _read_json(path, "tokenizer file")
         if not isinstance(document, dict) or document.get("format") != _FORMAT:
             raise ValueError(f"{path}: not a file written by BPETokenizer.save (no format {_FORMAT!r})")
+        _check_saved_fields(document, path)
         merges = [line.split(" ") for line in document["merges"]]
-        return cls._from_tables(document["vocab"], merges, document["special_tokens"], document["pattern"], path)
+        return cls._from_tables(document["vocab"], merges, document["special_tokens"], document["pattern"],
+                                vocab_source=path, merges_source=path)
 
     @classmethod
     def from_gpt2(cls, encoder_json: str | os.PathLike | None = None,
                   vocab_bpe: str | os.PathLike | None = None) -> BPETokenizer:
         """Load OpenAI's GPT-2 files (``encoder.json``, ``vocab.bpe``); it then encodes exactly as tiktoken.
 
-        Without paths, the files are fetched through ``helpers.data.fetch``.
+        Without paths, the files are fetched through ``helpers.data.fetch``. Files that are not what
+        they claim (unreadable, wrong types, merges that disagree with the vocabulary) raise
+        ``ValueError`` naming the file.
         """
         from helpers.data import fetch
 
         encoder_path = Path(encoder_json) if encoder_json is not None else fetch("gpt2-encoder")
         vocab_path = Path(vocab_bpe) if vocab_bpe is not None else fetch("gpt2-vocab")
-        encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
-        lines = vocab_path.read_text(encoding="utf-8").splitlines()
+        encoder = _read_json(encoder_path, "GPT-2 encoder.json")
+        _check_id_table(encoder, encoder_path, "the vocabulary")
+        try:
+            lines = vocab_path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"{vocab_path}: not a readable GPT-2 vocab.bpe ({error})") from error
         merges = [line.split(" ") for line in lines if line and not line.startswith("#version")]
         specials = {token: index for token, index in encoder.items() if token.startswith("<|") and token.endswith("|>")}
         ordinary = {token: index for token, index in encoder.items() if token not in specials}
-        return cls._from_tables(ordinary, merges, specials, GPT2_SPLIT_PATTERN, vocab_path)
+        return cls._from_tables(ordinary, merges, specials, GPT2_SPLIT_PATTERN,
+                                vocab_source=encoder_path, merges_source=vocab_path)
 
     @classmethod
     def _from_tables(cls, vocab: dict[str, int], merges: list[list[str]], special_tokens: dict[str, int],
-                     pattern: str, source: Path) -> BPETokenizer:
-        ids = {token: int(index) for token, index in vocab.items()}
-        table = {index: _from_printable(token, str(source)) for token, index in ids.items()}
-        merge_table: dict[tuple[int, int], int] = {}
-        for line_number, parts in enumerate(merges, start=1):
-            if len(parts) != 2:
-                raise ValueError(f"{source}: merge {line_number} should be two tokens, got {parts}")
-            left, right = parts
-            for token in (left, right, left + right):
-                if token not in ids:
-                    raise ValueError(f"{source}: merge {line_number} ({left} {right}) uses {token!r}, "
-                                     "which is not in the vocabulary")
-            merge_table[(ids[left], ids[right])] = ids[left + right]
+                     pattern: str, *, vocab_source: Path, merges_source: Path) -> BPETokenizer:
+        try:
+            regex.compile(pattern)
+        except regex.error as error:
+            raise ValueError(f"{vocab_source}: the pattern {pattern!r} is not a valid regular expression ({error})") \
+                from error
+        _check_ids(vocab, special_tokens, vocab_source)
+        table = {index: _from_printable(token, str(vocab_source)) for token, index in vocab.items()}
+        if len(vocab) != 256 + len(merges):
+            raise ValueError(
+                f"{merges_source}: {len(merges):,} merges, but {vocab_source} has {len(vocab):,} ordinary tokens; "
+                f"a byte-level BPE has the 256 bytes plus one token per merge = {256 + len(merges):,}"
+            )
+        missing = sorted(set(range(256)) - {token[0] for token in table.values() if len(token) == 1})
+        if missing:
+            raise ValueError(f"{vocab_source}: the vocabulary lacks the single-byte tokens of bytes {missing[:8]}")
         tokenizer = cls(pattern)
-        tokenizer._set_state(table, merge_table, {token: int(index) for token, index in special_tokens.items()})
+        tokenizer._set_state(table, _merge_table(merges, vocab, merges_source), dict(special_tokens))
         return tokenizer
+
+
+def _read_json(path: Path, what: str) -> object:
+    """The parsed JSON of ``path``; an unreadable or malformed file raises ``ValueError`` naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable {what} ({error})") from error
+
+
+_SAVED_FIELDS = {"version": int, "pattern": str, "vocab": dict, "merges": list, "special_tokens": dict}
+
+
+def _check_saved_fields(document: dict, path: Path) -> None:
+    """Refuse a saved tokenizer that lacks a key or holds a value of the wrong type."""
+    for key, kind in _SAVED_FIELDS.items():
+        if key not in document:
+            raise ValueError(f"{path}: the tokenizer file lacks {key!r}; it is damaged or was not written by "
+                             "BPETokenizer.save")
+        if not isinstance(document[key], kind) or isinstance(document[key], bool):
+            raise ValueError(f"{path}: {key!r} should be a {kind.__name__}, got {type(document[key]).__name__}")
+    if document["version"] != 1:
+        raise ValueError(f"{path}: tokenizer file version {document['version']}, but this code reads version 1")
+    _check_id_table(document["vocab"], path, "'vocab'")
+    _check_id_table(document["special_tokens"], path, "'special_tokens'")
+    bad = next((line for line in document["merges"] if not isinstance(line, str)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: every merge should be a string 'left right', got {bad!r}")
+
+
+def _check_id_table(table: object, path: Path, what: str) -> None:
+    """Refuse a token table that is not a mapping from non-empty strings to integer ids."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: {what} should map token strings to ids, got a {type(table).__name__}")
+    for token, index in table.items():
+        if not token or not isinstance(index, int) or isinstance(index, bool):
+            raise ValueError(f"{path}: {what} maps {token!r} to {index!r}; tokens must be non-empty strings and "
+                             "ids integers")
+
+
+def _check_ids(vocab: dict[str, int], special_tokens: dict[str, int], source: Path) -> None:
+    """Refuse ids that repeat or leave gaps: the ordinary and special ids must be exactly 0 .. n - 1."""
+    ids = [*vocab.values(), *special_tokens.values()]
+    repeated = sorted(index for index, count in Counter(ids).items() if count > 1)
+    if repeated:
+        raise ValueError(f"{source}: token ids {repeated[:8]} are given to more than one token")
+    outside = sorted(index for index in ids if not 0 <= index < len(ids))
+    if outside:
+        raise ValueError(f"{source}: token ids {outside[:8]} are out of range for {len(ids):,} tokens "
+                         f"(ids must be 0..{len(ids) - 1:,})")
+
+
+def _merge_table(merges: list[list[str]], ids: dict[str, int], source: Path) -> dict[tuple[int, int], int]:
+    """Map each merge's (left id, right id) to its merged id, in rank order; refuse malformed merges."""
+    table: dict[tuple[int, int], int] = {}
+    for number, parts in enumerate(merges, start=1):
+        if len(parts) != 2:
+            raise ValueError(f"{source}: merge {number} should be two tokens separated by one space, got {parts}")
+        left, right = parts
+        for token in (left, right, left + right):
+            if token not in ids:
+                raise ValueError(f"{source}: merge {number} ({left} {right}) uses {token!r}, "
+                                 "which is not in the vocabulary")
+        pair = (ids[left], ids[right])
+        if pair in table:
+            raise ValueError(f"{source}: merge {number} ({left} {right}) repeats an earlier merge")
+        table[pair] = ids[left + right]
+    return table
 
 
 def _split_on_specials(text: str, specials: Collection[str]) -> list[str]:
