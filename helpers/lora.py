@@ -1,0 +1,98 @@
+"""Low-rank adaptation (Part 09): train two small matrices beside each frozen linear layer.
+
+A frozen ``nn.Linear`` computes ``x W^T + b``. LoRA adds ``(alpha / rank) * x A B`` with ``A``
+``(in_features, rank)`` and ``B`` ``(rank, out_features)``: only ``A`` and ``B`` train, a fraction of
+the parameters. ``B`` starts at zero, so a wrapped model computes exactly what it computed before.
+After training, ``merge_lora`` folds ``A B`` into the weight and the adapters disappear.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["LoRALinear", "apply_lora", "merge_lora"]
+
+
+class LoRALinear(nn.Module):
+    """``linear(x) + (alpha / rank) * x @ A @ B``: a frozen linear layer plus a trainable low-rank update."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(linear).__name__}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"alpha must be a positive number (the update is scaled by alpha / rank), got {alpha!r}")
+        self.linear = linear
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        weight = linear.weight  # (out_features, in_features)
+        self.A = nn.Parameter(torch.empty(linear.in_features, rank, device=weight.device, dtype=weight.dtype))
+        self.B = nn.Parameter(torch.zeros(rank, linear.out_features, device=weight.device, dtype=weight.dtype))
+        # peft's draw for A: Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        bound = 1.0 / math.sqrt(linear.in_features)
+        nn.init.uniform_(self.A, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (..., in_features) -> (..., rank) -> (..., out_features)
+        update = (x @ self.A) @ self.B
+        return self.linear(x) + self.scaling * update
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``(alpha / rank) * (A B)^T`` in ``nn.Linear``'s weight layout ``(out_features, in_features)``."""
+        return self.scaling * (self.A @ self.B).T
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+def _linear_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """Every ``nn.Linear`` in ``model`` as ``(parent, attribute name, layer)``."""
+    found = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                found.append((parent, name, child))
+    return found
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """Freeze ``model`` and wrap every ``nn.Linear`` (the output head included) in a ``LoRALinear``; return it.
+
+    Afterwards only the adapters' ``A`` and ``B`` train. The model is changed in place.
+    """
+    if any(isinstance(module, LoRALinear) for module in model.modules()):
+        raise ValueError("the model already has LoRA adapters; call merge_lora(model) before applying new ones")
+    layers = _linear_layers(model)
+    if not layers:
+        raise ValueError(f"the model ({type(model).__name__}) has no nn.Linear layers to adapt")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parent, name, linear in layers:
+        setattr(parent, name, LoRALinear(linear, rank, alpha))
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every ``LoRALinear``'s update into its weight and put the plain ``nn.Linear`` back; return the model.
+
+    The merged model computes the same outputs (up to float rounding) without the adapters' extra
+    matrix products. Each merged weight is a new tensor, so a weight the layer shared (a head tied
+    to the embedding) is not changed for its other user.
+    """
+    wrapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, LoRALinear)]
+    if not wrapped:
+        raise ValueError("the model has no LoRA adapters to merge; apply_lora(model, rank, alpha) adds them")
+    for parent, name, lora in wrapped:
+        linear = lora.linear
+        old = linear.weight
+        linear.weight = nn.Parameter(old + lora.delta_weight(), requires_grad=old.requires_grad)
+        setattr(parent, name, linear)
+    return model
