@@ -3,8 +3,14 @@
 A checkpoint is two files side by side: ``model.safetensors`` (the weights, plus the model's
 config and a save id in its metadata) and ``model.state.pt`` (optimizer state, RNG states,
 config and whatever the caller adds, read back with ``torch.load(weights_only=True)``, so loading
-never runs pickled code). Each is written under a temporary name and renamed into place; the
-shared save id catches a pair that does not belong together.
+never runs pickled code). The shared save id catches a pair that does not belong together.
+
+A crash at any moment leaves a loadable checkpoint. A save first writes the new pair under
+staging names (``model.new.safetensors``, ``model.new.state.pt``), each through a temporary file
+renamed into place, and only then renames the state and the weights over the current pair.
+``load_checkpoint`` takes the newest complete pair it finds: the staged pair, the staged weights
+with the current state (a crash between the two final renames), else the current pair. The next
+save finishes or discards what a killed save left, temporary files included.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from torch import nn
 from helpers.model import GPTConfig
 from helpers.runtime import unwrap_model, write_atomically
 
-__all__ = ["CheckpointError", "checkpoint_paths", "load_checkpoint", "read_config", "save_checkpoint"]
+__all__ = ["CheckpointError", "checkpoint_paths", "load_checkpoint", "read_config", "recover_interrupted_save",
+           "remove_stale_temporaries", "save_checkpoint"]
 
 # every config field that changes the shapes or sharing of the weights (dropout does not)
 _STRUCTURAL = tuple(field.name for field in dataclasses.fields(GPTConfig) if field.name != "drop_rate")
@@ -91,16 +98,50 @@ def _restore_rng(states: dict) -> None:
                          "pos": saved["pos"]}, "has_gauss": saved["has_gauss"], "gauss": saved["gauss"]})
 
 
+def _staging_paths(weights_path: Path) -> tuple[Path, Path]:
+    """Where a save writes its new pair before renaming it over the current one."""
+    return checkpoint_paths(weights_path.with_name(f"{weights_path.stem}.new.safetensors"))
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that a killed ``write_atomically(target, ...)`` left beside ``target``.
+
+    Only files named for a process that no longer runs are removed (a live writer keeps its own);
+    returns the removed paths.
+    """
+    target = Path(target)
+    removed = []
+    for candidate in target.parent.glob(f".{target.name}.*.tmp"):
+        pid = candidate.name[len(target.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     **state: Any) -> Path:
     """Save model weights (safetensors), optimizer state, RNG states, config and ``state``; return the weights path.
 
     ``path`` is a ``.safetensors`` file or a folder (which gets ``model.safetensors``). Extra
     ``state`` (e.g. ``step=1200``) must be numbers, strings, tensors or lists/dicts of them.
+    Killed at any moment, the save leaves the previous checkpoint or this one loadable.
     """
     _check_plain(state, "state")
     weights_path, state_path = checkpoint_paths(path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_save(weights_path)
     save_id = uuid.uuid4().hex
     config = _config_of(model)
     bundle = {
@@ -111,9 +152,62 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         "state": state,
     }
     metadata = {"format": "pt", "save_id": save_id, "config": json.dumps(config)}
-    write_atomically(state_path, lambda tmp: torch.save(bundle, tmp))
-    write_atomically(weights_path, lambda tmp: save_model(unwrap_model(model), str(tmp), metadata=metadata))
+    new_weights, new_state = _staging_paths(weights_path)
+    write_atomically(new_state, lambda tmp: torch.save(bundle, tmp))
+    write_atomically(new_weights, lambda tmp: save_model(unwrap_model(model), str(tmp), metadata=metadata))
+    os.replace(new_state, state_path)  # from here until the next line, the pair is (new weights, this state)
+    os.replace(new_weights, weights_path)
     return weights_path
+
+
+def recover_interrupted_save(path: str | os.PathLike) -> Path | None:
+    """Finish or discard what a killed ``save_checkpoint`` left at ``path``; return the weights path in use.
+
+    The newest complete pair is renamed into place, staging and stale temporary files are deleted;
+    a folder without a checkpoint gets None.
+    """
+    weights_path, state_path = checkpoint_paths(path)
+    new_weights, new_state = _staging_paths(weights_path)
+    for leftover in (weights_path, state_path, new_weights, new_state):
+        remove_stale_temporaries(leftover)
+    pair = _newest_pair(weights_path)
+    if pair is not None and pair[1] == new_state:
+        os.replace(new_state, state_path)
+    if pair is not None and pair[0] == new_weights:
+        os.replace(new_weights, weights_path)
+    for leftover in (new_weights, new_state):
+        leftover.unlink(missing_ok=True)
+    return weights_path if pair is not None or weights_path.is_file() else None
+
+
+def _save_id_of_weights(weights_path: Path) -> str | None:
+    try:
+        return _read_header(weights_path)[1].get("save_id")
+    except (CheckpointError, OSError):
+        return None
+
+
+def _save_id_of_state(state_path: Path) -> str | None:
+    try:
+        bundle = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged or not a state file: not a candidate
+        return None
+    return bundle.get("save_id") if isinstance(bundle, dict) else None
+
+
+def _newest_pair(weights_path: Path) -> tuple[Path, Path] | None:
+    """The newest (weights, state) files of one save: staged, half-swapped, or current; None if none is whole."""
+    _, state_path = checkpoint_paths(weights_path)
+    new_weights, new_state = _staging_paths(weights_path)
+    if not (new_weights.is_file() or new_state.is_file()):  # no interrupted save: the current pair, checked later
+        return (weights_path, state_path) if weights_path.is_file() and state_path.is_file() else None
+    weights_ids = {path: _save_id_of_weights(path) for path in (new_weights, weights_path) if path.is_file()}
+    for candidate_state in (new_state, state_path):
+        state_id = _save_id_of_state(candidate_state) if candidate_state.is_file() else None
+        for candidate_weights, weights_id in weights_ids.items():
+            if state_id is not None and weights_id == state_id:
+                return candidate_weights, candidate_state
+    return None
 
 
 def _read_header(weights_path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -125,20 +219,46 @@ def _read_header(weights_path: Path) -> tuple[dict[str, list[int]], dict[str, st
         raise CheckpointError(f"{weights_path} is truncated or not a safetensors file ({error})") from error
 
 
+def _files_to_load(path: str | os.PathLike) -> tuple[Path, Path]:
+    """The (weights, state) pair a load should read: the newest complete one, else the current names."""
+    weights_path, state_path = checkpoint_paths(path)
+    return _newest_pair(weights_path) or (weights_path, state_path)
+
+
+_REQUIRED_CONFIG_KEYS = tuple(field.name for field in dataclasses.fields(GPTConfig))
+
+
 def read_config(path: str | os.PathLike) -> dict | None:
     """The model config saved with a checkpoint (a dict for ``GPTConfig.from_dict``), read from the file header only.
 
     Lets a caller build the right model before ``load_checkpoint``; None if the model had no config.
+    A config that is not a dict or lacks one of ``GPTConfig``'s fields raises ``CheckpointError``.
     """
-    weights_path, _ = checkpoint_paths(path)
+    weights_path, _ = _files_to_load(path)
     if not weights_path.is_file():
         raise CheckpointNotFoundError(f"checkpoint file {weights_path} does not exist")
     _, metadata = _read_header(weights_path)
-    return json.loads(metadata.get("config") or "null")
+    return _parse_config(weights_path, metadata)
+
+
+def _parse_config(weights_path: Path, metadata: dict) -> dict | None:
+    try:
+        config = json.loads(metadata.get("config") or "null")
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{weights_path}: the config in its metadata is not JSON ({error})") from error
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{weights_path}: the config in its metadata is a {type(config).__name__}, not a dict")
+    missing = [key for key in _REQUIRED_CONFIG_KEYS if key not in config]
+    if missing:
+        raise CheckpointError(f"{weights_path}: the saved config lacks {', '.join(missing)}; "
+                              "it was not written by save_checkpoint")
+    return config
 
 
 def _check_fits(weights_path: Path, model: nn.Module, stored: dict[str, list[int]], metadata: dict) -> None:
-    saved_config = json.loads(metadata.get("config") or "null")
+    saved_config = _parse_config(weights_path, metadata)
     config = _config_of(model)
     if saved_config and config:
         differences = [f"{key}: file {saved_config.get(key)!r}, model {config.get(key)!r}"
@@ -170,7 +290,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     ``restore_rng=True`` the Python, NumPy and PyTorch generators continue where the save left them.
     Raises ``CheckpointError`` naming the file when it is missing, damaged or does not fit.
     """
-    weights_path, state_path = checkpoint_paths(path)
+    weights_path, state_path = _files_to_load(path)
     for required in (weights_path, state_path):
         if not required.is_file():
             raise CheckpointNotFoundError(f"checkpoint file {required} does not exist")
@@ -182,7 +302,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         raise CheckpointError(f"{state_path} is truncated or not a checkpoint state file ({error})") from error
     if not isinstance(bundle, dict) or bundle.get("save_id") != metadata.get("save_id"):
         raise CheckpointError(f"{state_path} does not belong to {weights_path} (different saves); "
-                              "the save was interrupted between the two files: use an earlier checkpoint")
+                              "one of the two files was replaced by hand or copied from another run: "
+                              "restore the matching file, or start from another checkpoint")
     target = unwrap_model(model)
     device = next(target.parameters()).device
     try:

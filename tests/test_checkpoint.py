@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -332,3 +336,125 @@ def test_read_config_returns_the_saved_config_without_loading_weights(tmp_path):
     assert GPTConfig.from_dict(config) == cfg
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         read_config(tmp_path / "nothing-here")
+
+
+# ---------------------------------------------------------------------------------------------
+# crashes during a save
+
+
+class _Killed(BaseException):
+    """Stands for the process dying: nothing after it runs, not even ``except Exception`` blocks."""
+
+
+def _filled_model(value: float) -> GPTModel:
+    model = _model()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(value)
+    return model
+
+
+def _loaded_version(path: Path) -> int:
+    """Load the checkpoint at ``path``; check that its weights are the version its state names; return it."""
+    model = _model(seed=9)
+    step = load_checkpoint(path, model, _adamw(model))["step"]
+    for name, parameter in model.named_parameters():
+        assert torch.all(parameter == step), f"{name} does not hold version {step}: the pair is mixed"
+    return step
+
+
+@pytest.mark.parametrize(("crash_at_rename", "expected_step"), [(0, 1), (1, 1), (2, 2), (3, 2)])
+def test_a_save_killed_at_any_rename_leaves_the_previous_or_the_new_checkpoint(tmp_path, monkeypatch,
+                                                                                crash_at_rename, expected_step):
+    # given a checkpoint of version 1 (every weight 1.0)
+    first = _filled_model(1.0)
+    save_checkpoint(tmp_path, first, _adamw(first), step=1)
+    real_replace, calls = os.replace, []
+
+    def dying_replace(source, target):
+        calls.append(target)
+        if len(calls) > crash_at_rename:
+            raise _Killed
+        real_replace(source, target)
+
+    # when the save of version 2 dies at one of its four renames (two staged files, then the swap)
+    second = _filled_model(2.0)
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(_Killed):
+        save_checkpoint(tmp_path, second, _adamw(second), step=2)
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    # then the folder loads as one whole version: the old one before the staged pair is complete, else the new
+    assert _loaded_version(tmp_path) == expected_step
+    # and the next save finishes cleanly, leaving only the pair
+    third = _filled_model(3.0)
+    save_checkpoint(tmp_path, third, _adamw(third), step=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.state.pt"]
+    assert _loaded_version(tmp_path) == 3
+
+
+_SAVE_LOOP = """
+import sys, torch
+from helpers.checkpoint import load_checkpoint, save_checkpoint
+from helpers.model import GPTConfig, GPTModel
+folder, once = sys.argv[1], sys.argv[2] == "once"
+model = GPTModel(GPTConfig(vocab_size=4000, context_length=12, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0))
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+for parameter in model.parameters():
+    parameter.grad = torch.ones_like(parameter)
+optimizer.step()
+try:
+    step = load_checkpoint(folder, model, optimizer)["step"]
+except FileNotFoundError:
+    step = 0
+while True:
+    step += 1
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(step)
+    save_checkpoint(folder, model, optimizer, step=step)
+    print(step, flush=True)
+    if once:
+        break
+"""
+
+
+def _big_model_version(path: Path) -> int:
+    cfg = GPTConfig(vocab_size=4000, context_length=12, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
+    model = GPTModel(cfg)
+    step = load_checkpoint(path, model, torch.optim.AdamW(model.parameters()))["step"]
+    for name, parameter in model.named_parameters():
+        assert torch.all(parameter == step), f"{name} does not hold version {step}: the pair is mixed"
+    return step
+
+
+@pytest.mark.slow
+def test_a_process_killed_with_sigkill_while_saving_always_leaves_a_loadable_checkpoint(tmp_path):
+    # given a process that saves versions 1, 2, 3, ... of a model (every weight = its version) in a loop
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = random.Random(0)
+    last_loaded = 0
+    for _ in range(4):
+        process = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(tmp_path), "loop"], cwd=root, env=env,
+                                   stdout=subprocess.PIPE, text=True)
+        try:
+            printed = [int(process.stdout.readline())]  # a first save of this process is done
+            # when SIGKILL arrives at a random moment of the saves that follow
+            time.sleep(rng.uniform(0.0, 0.3))
+        finally:
+            process.kill()
+            process.wait(timeout=60)
+        printed += [int(line) for line in process.stdout.read().split()]
+        process.stdout.close()
+        # then the folder loads as one whole version: the last one reported, or the one being saved after it
+        loaded = _big_model_version(tmp_path)
+        assert printed[-1] <= loaded <= printed[-1] + 1 and loaded > last_loaded
+        last_loaded = loaded
+
+    # and one more save (a fresh process) leaves only the pair: no staged or temporary file survives
+    finished = subprocess.run([sys.executable, "-c", _SAVE_LOOP, str(tmp_path), "once"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.state.pt"]
+    assert _big_model_version(tmp_path) == last_loaded + 1
