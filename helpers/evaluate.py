@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from helpers.generate import generate, text_to_token_ids, token_ids_to_text
-from helpers.losses import chunked_cross_entropy
-from helpers.model import GPTModel
-from helpers.train import unwrap_model
+from helpers.runtime import eval_mode
+from helpers.train import calc_loss_batch
 
 __all__ = ["compare_samples", "loader_loss", "next_token_accuracy", "perplexity"]
 
@@ -27,24 +26,14 @@ def _batches(loader: Iterable, num_batches: int | None):
 def loader_loss(model: nn.Module, loader: Iterable, device: torch.device | str,
                 num_batches: int | None = None) -> tuple[float, int]:
     """Token-weighted mean cross-entropy over a loader's batches, and the number of tokens scored."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for inputs, targets in _batches(loader, num_batches):
-            inputs, targets = inputs.to(device), targets.to(device)
             n_tokens = int((targets != -100).sum())
             if n_tokens == 0:  # e.g. a window holding only a masked prompt: nothing to score
                 continue
-            core = unwrap_model(model)
-            if isinstance(core, GPTModel):
-                loss = chunked_cross_entropy(model(inputs, return_hidden=True), core.out_head.weight, targets)
-            else:
-                loss = nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
-            total += loss.item() * n_tokens
+            total += calc_loss_batch(inputs, targets, model, device).item() * n_tokens
             count += n_tokens
-    finally:
-        model.train(was_training)
     if count == 0:
         raise ValueError("the loader yielded no tokens to score (is it empty, or drop_last with too little data?)")
     return total / count, count
@@ -60,18 +49,14 @@ def perplexity(model: nn.Module, loader: Iterable, device: torch.device | str, n
 def next_token_accuracy(model: nn.Module, loader: Iterable, device: torch.device | str,
                         num_batches: int | None = None) -> float:
     """Share of positions where the most likely next token (argmax) is the actual next token."""
-    was_training = model.training
-    model.eval()
     correct, count = 0, 0
-    try:
+    with eval_mode(model):
         for inputs, targets in _batches(loader, num_batches):
             inputs, targets = inputs.to(device), targets.to(device)
             predictions = model(inputs).argmax(dim=-1)
             scored = targets != -100
             correct += int(((predictions == targets) & scored).sum())
             count += int(scored.sum())
-    finally:
-        model.train(was_training)
     if count == 0:
         raise ValueError("the loader yielded no tokens to score")
     return correct / count
@@ -87,15 +72,11 @@ def compare_samples(models: Mapping[str, nn.Module], prompts: Sequence[str], tok
 
     table: dict[str, list[str]] = {name: [] for name in models}
     for name, model in models.items():
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             for prompt in prompts:
                 if seed is not None:
                     torch.manual_seed(seed)
                 idx = text_to_token_ids(prompt, tokenizer).to(device)
                 out = generate(model, idx, max_new_tokens, **generate_kwargs)
                 table[name].append(token_ids_to_text(out[:, idx.shape[1]:], tokenizer))
-        finally:
-            model.train(was_training)
     return pd.DataFrame(table, index=pd.Index(prompts, name="prompt"))

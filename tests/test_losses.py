@@ -176,3 +176,22 @@ def test_chunked_cross_entropy_refuses_a_head_of_another_width():
     # when / then the width mismatch is refused, naming both sizes
     with pytest.raises(ValueError, match=r"24.*\(97, 16\)"):
         chunked_cross_entropy(hidden, weight, targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+def test_chunked_cross_entropy_under_autocast_equals_cross_entropy_of_autocast_logits(dtype, chunk_rows):
+    # given hidden states and a float32 head, as a model under autocast would produce them
+    hidden, weight, targets = _inputs((40,), seed=5, ignored=4)
+
+    # when both losses run under CPU autocast in the lower precision
+    with torch.autocast("cpu", dtype=dtype):
+        loss, grad_hidden, grad_weight = _value_and_grads(
+            lambda h, w, t: chunked_cross_entropy(h, w, t, chunk_rows=chunk_rows), hidden, weight, targets)
+        ref_loss, ref_hidden, ref_weight = _value_and_grads(_reference, hidden, weight, targets)
+
+    # then the loss and both gradients agree to the precision's few digits (a doubled or missing term would not)
+    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad_hidden.float(), ref_hidden.float(), rtol=5e-2, atol=2e-3)
+    torch.testing.assert_close(grad_weight.float(), ref_weight.float(), rtol=5e-2, atol=2e-3)
+    assert grad_weight.dtype == weight.dtype  # the parameter's gradient keeps the parameter's dtype

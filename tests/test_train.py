@@ -338,3 +338,132 @@ def test_learning_rate_without_decay_steps_is_constant_after_warmup():
     # then the rate is the peak at every step after the warmup; without warmup, from step 0
     assert rates == [0.02] * len(rates)
     assert learning_rate_at(0, 0.02) == 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# train_model against the book's loop and independent references
+
+
+def test_train_model_with_default_options_is_the_books_loop(verdict_ids, vocab_size):
+    # given two identical models with dropout, and the book's loop written out by hand (SGD: AdamW would
+    # magnify float32 rounding in near-zero gradients into lr-sized differences)
+    loader = _loader(verdict_ids, 6, batch_size=2)
+
+    def loader_loss(model, data_loader, num_batches):
+        total = 0.0
+        with torch.no_grad():
+            for index, (input_batch, target_batch) in enumerate(data_loader):
+                if index >= num_batches:
+                    break
+                total += F.cross_entropy(model(input_batch).flatten(0, 1), target_batch.flatten()).item()
+        return total / num_batches
+
+    def books_loop(model, optimizer, num_epochs, eval_freq, eval_iter):
+        train_losses, val_losses, step = [], [], 0
+        for _ in range(num_epochs):
+            model.train()
+            for input_batch, target_batch in loader:
+                optimizer.zero_grad()
+                logits = model(input_batch)
+                loss = F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if step % eval_freq == 0:
+                    model.eval()
+                    train_losses.append(loader_loss(model, loader, eval_iter))
+                    val_losses.append(loader_loss(model, loader, eval_iter))
+                    model.train()
+        return train_losses, val_losses
+
+    by_hand, helper = _gpt(vocab_size, drop_rate=0.2, seed=9), _gpt(vocab_size, drop_rate=0.2, seed=9)
+
+    # when both train two epochs from the same seed
+    torch.manual_seed(1)
+    expected = books_loop(by_hand, torch.optim.SGD(by_hand.parameters(), lr=0.5), 2, 2, 2)
+    torch.manual_seed(1)
+    history = train_model(helper, loader, loader, torch.optim.SGD(helper.parameters(), lr=0.5), "cpu",
+                          num_epochs=2, eval_freq=2, eval_iter=2, verbose=False, progress=False)
+
+    # then the losses and the weights are the same, up to the float32 rounding of the chunked loss
+    assert len(history["train_losses"]) == len(expected[0]) == 3  # 6 steps, every second one
+    assert history["train_losses"] == pytest.approx(expected[0], rel=1e-4)
+    assert history["val_losses"] == pytest.approx(expected[1], rel=1e-4)
+    for (name, a), b in zip(by_hand.state_dict().items(), helper.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_train_model_clips_the_gradient_norm_like_clip_grad_norm(verdict_ids, vocab_size):
+    # given one batch, SGD with lr 1 (so the update is the gradient), and a clip far below the gradient norm
+    loader = _loader(verdict_ids, 1, batch_size=1)
+    model, reference = _gpt(vocab_size, seed=2), _gpt(vocab_size, seed=2)
+    inputs, targets = next(iter(loader))
+    F.cross_entropy(reference(inputs).flatten(0, 1), targets.flatten()).backward()
+    grads = [p.grad for p in reference.parameters()]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+    clip = norm / 10
+
+    # when train_model takes that one step with grad_clip
+    before = [p.detach().clone() for p in model.parameters()]
+    train_model(model, loader, loader, torch.optim.SGD(model.parameters(), lr=1.0), "cpu", num_epochs=1,
+                eval_freq=1, eval_iter=1, grad_clip=clip, verbose=False, progress=False)
+
+    # then each parameter moved by the gradient scaled to the clip norm (computed by hand, not by torch)
+    for b, after, g in zip(before, model.parameters(), grads, strict=True):
+        torch.testing.assert_close(b - after.detach(), g * (clip / norm), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(("option", "value"), [("grad_clip", -1.0), ("grad_clip", 0.0), ("grad_clip", float("nan")),
+                                               ("grad_accum_steps", 0), ("warmup_steps", -1),
+                                               ("min_lr_ratio", 2.0), ("precision", "bf16")])
+def test_train_model_refuses_bad_options_before_training(verdict_ids, vocab_size, option, value):
+    loader = _loader(verdict_ids, 2, batch_size=1)
+    model = _gpt(vocab_size)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=option):
+        train_model(model, loader, loader, torch.optim.SGD(model.parameters(), lr=0.1), "cpu", num_epochs=1,
+                    eval_freq=1, eval_iter=1, verbose=False, progress=False, **{option: value})
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize(("name", "value"), [("num_epochs", -1), ("eval_freq", 0), ("eval_iter", 0)])
+def test_train_model_refuses_bad_counts(verdict_ids, vocab_size, name, value):
+    loader = _loader(verdict_ids, 2, batch_size=1)
+    model = _gpt(vocab_size)
+    arguments = {"num_epochs": 1, "eval_freq": 1, "eval_iter": 1, name: value}
+    with pytest.raises(ValueError, match=name):
+        train_model(model, loader, loader, torch.optim.SGD(model.parameters(), lr=0.1), "cpu",
+                    verbose=False, progress=False, **arguments)
+
+
+@pytest.mark.parametrize(("keywords", "expected"), [({}, torch.float32), ({"precision": "bfloat16"}, torch.bfloat16),
+                                                    ({"bf16": True}, torch.bfloat16)])
+def test_train_model_computes_in_the_precision_asked_and_float32_by_default(verdict_ids, vocab_size, keywords,
+                                                                           expected):
+    # given a model whose first feed-forward layer records the dtype it computes in
+    loader = _loader(verdict_ids, 2, batch_size=1)
+    model = _gpt(vocab_size)
+    seen = []
+    model.blocks[0].ff.layers[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+
+    # when it trains
+    train_model(model, loader, loader, torch.optim.SGD(model.parameters(), lr=0.1), "cpu", num_epochs=1,
+                eval_freq=100, eval_iter=1, verbose=False, progress=False, **keywords)
+
+    # then the training forward passes ran in that dtype, and the weights stay float32
+    assert seen[:2] == [expected, expected]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_train_model_takes_options_as_one_object(verdict_ids, vocab_size):
+    from helpers.train import TrainingOptions
+
+    loader = _loader(verdict_ids, 4, batch_size=1)
+    model = _gpt(vocab_size)
+    history = train_model(model, loader, loader, torch.optim.SGD(model.parameters(), lr=0.1), "cpu", num_epochs=1,
+                          eval_freq=100, eval_iter=1, options=TrainingOptions(warmup_steps=4), verbose=False,
+                          progress=False)
+    assert history["learning_rates"] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    with pytest.raises(TypeError, match="not both"):
+        train_model(model, loader, loader, torch.optim.SGD(model.parameters(), lr=0.1), "cpu", num_epochs=1,
+                    eval_freq=1, eval_iter=1, options=TrainingOptions(), grad_clip=1.0, progress=False)
