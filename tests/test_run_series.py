@@ -19,8 +19,19 @@ def _notebook(path: Path, *sources: str) -> Path:
     return path
 
 
+def _project_kernel_installed() -> bool:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from run_series import KERNEL
+
+    return KERNEL in KernelSpecManager().find_kernel_specs()
+
+
 @pytest.fixture(scope="module")
 def series_run(tmp_path_factory):
+    if not _project_kernel_installed():
+        pytest.skip("the project's Jupyter kernel is not installed (run `make setup`, which installs it)")
     folder = tmp_path_factory.mktemp("series")
     record = "from helpers import record_results\nrecord_results('a_first', {'answer': 42, 'ratio': 0.123456})"
     first = _notebook(folder / "a_first.ipynb", record, "print('first done')")
