@@ -4,7 +4,9 @@ Usage: python benchmarks/load_weights.py [--rounds 3]
 Writes a 124M-shaped GPT-2 (tied head, qkv bias, GPT-2's initialisation) with ``save_hf_gpt2`` to a
 temporary folder, then loads it with ``load_gpt2`` once per reader and round, each load in a fresh
 Python process, and prints the median wall time of the load and the median rise of the process's peak
-resident memory (VmHWM, which counts the pages of a memory-mapped file that were touched too).
+resident memory (VmHWM, which counts the pages of a memory-mapped file that were touched too). ``safe_open`` hands out
+views of its memory-mapped file; "safe_open, copied" clones each, so the model owns its memory as it
+does with the helpers reader.
 Readers alternate within each round, so drift on a shared machine hits both alike.
 """
 
@@ -27,7 +29,7 @@ import helpers.weights
 from helpers.model import GPT_CONFIGS, GPTConfig, GPTModel, init_gpt2_weights
 from helpers.weights import load_gpt2, save_hf_gpt2
 
-READERS = ("helpers reader", "safe_open")
+READERS = ("helpers reader", "safe_open", "safe_open, copied")
 
 
 class SafeOpenTensors:
@@ -39,7 +41,7 @@ class SafeOpenTensors:
         for file in files:
             handle = safe_open(str(file), framework="pt")
             self.metadata.update(handle.metadata() or {})
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 self.where[key.removeprefix("transformer.")] = (handle, key)
 
     def names(self) -> set[str]:
@@ -54,6 +56,13 @@ class SafeOpenTensors:
         return handle.get_tensor(key)
 
 
+class CopiedSafeOpenTensors(SafeOpenTensors):
+    """As ``SafeOpenTensors``, but every tensor gets memory of its own instead of a view of the mapped file."""
+
+    def get(self, name: str) -> torch.Tensor:
+        return super().get(name).clone()
+
+
 def _peak_rss_mib() -> float:
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith("VmHWM:"))
@@ -62,8 +71,8 @@ def _peak_rss_mib() -> float:
 
 def child(reader: str, folder: str) -> None:
     """Load ``folder`` once with ``reader``; print seconds and peak-RSS rise as JSON."""
-    if reader == "safe_open":
-        helpers.weights._Tensors = SafeOpenTensors
+    if reader != READERS[0]:
+        helpers.weights._Tensors = SafeOpenTensors if reader == "safe_open" else CopiedSafeOpenTensors
     before = _peak_rss_mib()
     start = time.perf_counter()
     model = load_gpt2(folder)
@@ -102,12 +111,14 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"GPT-2 124M shape, tied, float32: {weights_mib:,.0f} MiB of weights, file {file_mib:,.0f} MiB "
           f"(in the page cache); median of {args.rounds} loads, each in a fresh process\n")
-    print("| reader | load seconds | peak RSS rise (MiB) | rise / weights |")
+    print("| reader | load seconds (min-max) | peak RSS rise, MiB (min-max) | rise / weights |")
     print("| --- | --- | --- | --- |")
     for reader, rows in results.items():
-        seconds = statistics.median(row["seconds"] for row in rows)
-        rise = statistics.median(row["rise_mib"] for row in rows)
-        print(f"| {reader} | {seconds:.2f} | {rise:,.0f} | {rise / weights_mib:.2f}x |")
+        seconds = sorted(row["seconds"] for row in rows)
+        rise = sorted(row["rise_mib"] for row in rows)
+        print(f"| {reader} | {statistics.median(seconds):.2f} ({seconds[0]:.2f}-{seconds[-1]:.2f}) | "
+              f"{statistics.median(rise):,.0f} ({rise[0]:,.0f}-{rise[-1]:,.0f}) | "
+              f"{statistics.median(rise) / weights_mib:.2f}x |")
 
 
 if __name__ == "__main__":

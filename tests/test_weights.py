@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from helpers.generate import generate
 from helpers.model import GPTConfig, GPTModel
-from helpers.weights import WeightsError, load_gpt2, save_hf_gpt2
+from helpers.weights import BLOCK_TABLE, TOP_TABLE, WeightsError, load_gpt2, save_hf_gpt2
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB, CONTEXT, EMB, LAYERS, HEADS = 1000, 64, 64, 2, 4
+TOP_TABLE_NAMES = {row[0] for row in TOP_TABLE}
 
 
 def _hf_model(tied: bool = True, seed: int = 0):
@@ -374,3 +376,227 @@ def test_a_truncated_weight_file_is_refused_naming_it(pretrained_dir, tmp_path):
     # when loaded, then the error names the file and says it is truncated
     with pytest.raises(WeightsError, match="truncated"):
         load_gpt2(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the name table
+
+
+@pytest.mark.parametrize("row", [*TOP_TABLE, *BLOCK_TABLE], ids=lambda row: row[0])
+def test_every_row_of_the_name_table_converts_there_and_back_and_predicts_the_file_shape(row, hub_dir):
+    # given a row of the table and the tensor of that name in a real GPT-2 file (from transformers)
+    hf_name, ours, how = row
+    name = hf_name if hf_name in TOP_TABLE_NAMES else f"h.0.{hf_name}"
+    original = load_file(hub_dir / "model.safetensors")[name]
+
+    # when it is turned into our tensor(s) and back
+    converted = how.to_ours(original)
+    back = how.to_hf(converted)
+
+    # then there is one tensor per name of ours, the file's shape follows from ours, and nothing changed
+    assert len(converted) == (len(ours) if isinstance(ours, tuple) else 1)
+    assert how.hf_shape([list(t.shape) for t in converted]) == list(original.shape)
+    assert torch.equal(back, original)
+
+
+def test_the_name_table_splits_c_attn_as_transformers_computes_query_key_and_value(hf_tied, pretrained_dir):
+    # given transformers' first block and the same block loaded through the table
+    x = torch.randn(1, 5, EMB, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        q_ref, k_ref, v_ref = hf_tied.transformer.h[0].attn.c_attn(x).split(EMB, dim=2)
+        att = load_gpt2(pretrained_dir).blocks[0].att
+
+        # then our query, key and value projections compute transformers' three thirds
+        for ours, reference in ((att.W_query, q_ref), (att.W_key, k_ref), (att.W_value, v_ref)):
+            torch.testing.assert_close(ours(x), reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged safetensors files
+
+
+def _rewrite_header(source: Path, target: Path, change) -> Path:
+    """Copy ``source`` with ``change(header)`` applied to its JSON header; the data bytes stay as they were."""
+    raw = source.read_bytes()
+    header_length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + header_length])
+    change(header)
+    encoded = json.dumps(header).encode()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + header_length:])
+    shutil.copy(source.with_name("config.json"), target.with_name("config.json"))
+    return target
+
+
+def _shorter_range(header):  # c_fc.bias keeps its shape but claims 4 fewer bytes
+    begin, end = header["h.0.mlp.c_fc.bias"]["data_offsets"]
+    header["h.0.mlp.c_fc.bias"]["data_offsets"] = [begin, end - 4]
+
+
+def _range_past_the_end(header):
+    begin, end = header["h.0.mlp.c_fc.bias"]["data_offsets"]
+    header["h.0.mlp.c_fc.bias"]["data_offsets"] = [begin + 10**9, end + 10**9]
+
+
+def _overlapping_ranges(header):  # ln_1's bias points at ln_1's weight: same size, another tensor's bytes
+    header["h.0.ln_1.bias"]["data_offsets"] = list(header["h.0.ln_1.weight"]["data_offsets"])
+
+
+def _absurd_shape(header):  # 2**80 elements: allocating this would fail (or take the machine's memory)
+    header["h.0.ln_1.bias"]["shape"] = [2**40, 2**40]
+
+
+def _negative_shape(header):
+    header["h.0.ln_1.bias"]["shape"] = [-EMB]
+
+
+def _no_offsets(header):
+    del header["h.0.ln_1.bias"]["data_offsets"]
+
+
+@pytest.mark.parametrize("change, problem", [
+    (_shorter_range, r"h\.0\.mlp\.c_fc\.bias of shape \[256\] and dtype F32 needs 1024 bytes"),
+    (_range_past_the_end, r"h\.0\.mlp\.c_fc\.bias claims bytes .* outside the file"),
+    (_overlapping_ranges, r"h\.0\.ln_1\.(bias|weight) and h\.0\.ln_1\.(bias|weight) share bytes"),
+    (_absurd_shape, r"h\.0\.ln_1\.bias of shape \[1099511627776, 1099511627776\]"),
+    (_negative_shape, r"h\.0\.ln_1\.bias has shape \[-64\]"),
+    (_no_offsets, r"h\.0\.ln_1\.bias lacks"),
+], ids=["short-range", "past-the-end", "overlap", "absurd-shape", "negative-shape", "no-offsets"])
+def test_a_tensor_whose_bytes_do_not_match_its_header_is_refused_before_reading(hub_dir, tmp_path, change, problem):
+    # given a hub-layout file whose header misstates one tensor (the safetensors library refuses it too)
+    broken = _rewrite_header(hub_dir / "model.safetensors", tmp_path / "broken" / "model.safetensors", change)
+    with pytest.raises(Exception):  # noqa: B017 (the library's error types are its own business)
+        load_file(broken)
+
+    # when / then load_gpt2 refuses it, naming the file and the tensor and saying what is wrong
+    with pytest.raises(WeightsError, match=problem) as caught:
+        load_gpt2(broken.parent)
+    assert str(broken) in str(caught.value) and "again" in str(caught.value)
+
+
+def test_a_file_that_is_not_safetensors_is_refused_naming_it(tmp_path):
+    # given a .safetensors file that holds text
+    fake = tmp_path / "model.safetensors"
+    fake.write_text("not a safetensors file at all")
+
+    # when / then loading names the file
+    with pytest.raises(WeightsError, match=r"model\.safetensors is truncated or not a safetensors file"):
+        load_gpt2(fake)
+
+
+# ---------------------------------------------------------------------------------------------
+# sharded checkpoints
+
+
+def test_a_sharded_checkpoint_from_transformers_gives_its_logits(hf_tied, tmp_path):
+    # given the model saved by transformers in shards of at most 100 kB, with their index
+    hf_tied.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").is_file()
+    ids = _ids(seed=11)
+
+    # when the folder is loaded
+    model = load_gpt2(tmp_path)
+
+    # then every shard was read: the logits are those of transformers
+    assert _max_diff(_our_logits(model, ids), _hf_logits(hf_tied, ids)) <= 1e-4
+
+
+def test_a_sharded_checkpoint_with_a_shard_missing_is_refused_naming_it(hf_tied, tmp_path):
+    # given a sharded save with one shard deleted
+    hf_tied.save_pretrained(tmp_path, max_shard_size="100KB")
+    missing = sorted(tmp_path.glob("*.safetensors"))[1]
+    missing.unlink()
+
+    # when / then loading names the missing shard and the index that lists it
+    with pytest.raises(WeightsError, match=rf"index\.json names the shard {missing.name}, which is not in"):
+        load_gpt2(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs, folders and arguments
+
+
+def _with_config(pretrained_dir: Path, target: Path, **changes) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pretrained_dir / "model.safetensors", target / "model.safetensors")
+    config = json.loads((pretrained_dir / "config.json").read_text())
+    config.update(changes)
+    (target / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return target
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"n_head": None}, r"config\.json lacks n_head"),
+    ({"n_head": 5}, r"config\.json states sizes GPTModel cannot take: emb_dim \(64\) must be divisible by n_heads"),
+    ({"n_layer": -2}, r"config\.json states sizes GPTModel cannot take: GPTConfig\.n_layers must be a positive"),
+    ({"vocab_size": "1000"}, r"config\.json states sizes GPTModel cannot take: GPTConfig\.vocab_size"),
+    ({"resid_pdrop": 1.5}, r"config\.json states sizes GPTModel cannot take: GPTConfig\.drop_rate"),
+], ids=["missing-key", "indivisible-heads", "negative-layers", "string-size", "dropout-out-of-range"])
+def test_a_config_with_missing_keys_or_wrong_values_is_refused_naming_the_file(pretrained_dir, tmp_path, changes,
+                                                                               problem):
+    # given the weights beside a config.json that lacks a size or states an impossible one
+    folder = _with_config(pretrained_dir, tmp_path / "model", **changes)
+
+    # when / then loading names the config file and the problem, and says to restore the config
+    with pytest.raises(WeightsError, match=problem) as caught:
+        load_gpt2(folder)
+    assert str(folder / "config.json") in str(caught.value) and "config.json" in str(caught.value)
+
+
+def test_a_config_that_is_not_json_is_refused_naming_it(pretrained_dir, tmp_path):
+    folder = _with_config(pretrained_dir, tmp_path / "model")
+    (folder / "config.json").write_text("{vocab_size: 1000")
+    with pytest.raises(WeightsError, match=r"config\.json cannot be read as JSON"):
+        load_gpt2(folder)
+
+
+def test_a_config_of_another_model_is_refused_naming_the_tensor_and_what_to_check(pretrained_dir, tmp_path):
+    # given the 64-wide weights beside a config that says 128 wide (8 heads keeps it a valid config)
+    folder = _with_config(pretrained_dir, tmp_path / "model", n_embd=128, n_head=8)
+
+    # when / then the first tensor that does not fit is named, with both shapes and the advice
+    with pytest.raises(WeightsError, match=r"wte\.weight has shape \[1000, 64\].*\[1000, 128\].*config belongs"):
+        load_gpt2(folder)
+
+
+def test_a_folder_without_weights_is_refused_listing_what_it_holds(tmp_path):
+    (tmp_path / "notes.txt").write_text("nothing here")
+    with pytest.raises(WeightsError, match=r"holds no model\.safetensors \(it holds: notes\.txt\)"):
+        load_gpt2(tmp_path)
+
+
+def test_a_path_that_does_not_exist_is_refused_naming_it(tmp_path):
+    with pytest.raises(WeightsError, match=r"no-such-folder'.*neither a GPT-2 name .* nor an existing file"):
+        load_gpt2(tmp_path / "no-such-folder")
+
+
+@pytest.mark.parametrize("arguments, problem", [
+    ({"dtype": torch.int64}, "dtype must be a floating-point torch.dtype"),
+    ({"dtype": "float16"}, "dtype must be a floating-point torch.dtype"),
+    ({"drop_rate": 1.0}, r"drop_rate must be a number in \[0, 1\)"),
+    ({"drop_rate": -0.1}, r"drop_rate must be a number in \[0, 1\)"),
+    ({"drop_rate": float("nan")}, r"drop_rate must be a number in \[0, 1\)"),
+    ({"device": "cdua"}, "device 'cdua' is not a torch device"),
+], ids=["int-dtype", "string-dtype", "drop-one", "drop-negative", "drop-nan", "bad-device"])
+def test_load_gpt2_refuses_bad_arguments_naming_them_before_reading_anything(tmp_path, arguments, problem):
+    # given a path that does not exist: an argument error must come first, before any file is looked at
+    with pytest.raises(ValueError, match=problem):
+        load_gpt2(tmp_path / "no-such-folder", **arguments)
+
+
+def test_load_gpt2_overrides_the_dropout_of_our_own_checkpoints_too(pretrained_dir, tmp_path):
+    # given a GPT-2 saved as a training checkpoint (our names, config with drop_rate 0.1 in its metadata)
+    from helpers.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "finetuned", load_gpt2(pretrained_dir))
+
+    # when / then drop_rate replaces the recorded one, and without it the recorded one stays
+    assert load_gpt2(tmp_path / "finetuned", drop_rate=0.0).cfg.drop_rate == 0.0
+    assert load_gpt2(tmp_path / "finetuned").cfg.drop_rate == pytest.approx(0.1)
+
+
+def test_save_hf_gpt2_into_a_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(WeightsError, match="exists and is not a folder"):
+        save_hf_gpt2(_random_gpt(tie_weights=True, qkv_bias=False), tmp_path / "taken")
