@@ -2,8 +2,15 @@
 
 Used by ``python -m helpers.pretrain``. The cache lives in ``--cache-dir`` (default
 ``$LLM_CACHE_DIR`` or ``~/.cache/llm-from-scratch/tokens``), never beside the data, which may be
-read-only; its name is a hash of the tokenizer and of every file's contents, so edited data is
-tokenized again and unchanged data never is.
+read-only; its name is a hash of the tokenizer, the cache format and every file's contents, so
+edited data is tokenized again and unchanged data never is.
+
+The tokens are exactly those of tokenizing each file whole (``encode_ordinary``), then
+``<|endoftext|>``. Long files are encoded piece by piece, cut only where a letter or digit meets a
+space or a line break: GPT-2's pre-tokenizer never joins such a pair (a word, number or
+punctuation run ends before whitespace, and it has no look-behind), so the pieces' tokens are the
+whole file's. A manifest beside the cache records what it was built from (each file's size and
+sha256, the token counts per file); a cache that disagrees with it is rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -11,18 +18,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from helpers.checkpoint import remove_stale_temporaries
 from helpers.runtime import write_atomically
 
 __all__ = ["default_cache_dir", "expand_data_paths", "load_token_cache", "token_batch"]
 
 _TOKENIZER = "gpt2"  # GPT-2's BPE; every id fits in uint16 (50,257 < 65,536)
-_CHUNK_CHARS = 1 << 20  # tokenize about 1 MB of text at a time, cut at a line break
+_EOT = 50256  # <|endoftext|> in GPT-2's vocabulary
+_FORMAT = 2  # 2: files tokenized whole (format 1 cut them at line breaks, which changed tokens)
+_CHUNK_CHARS = 1 << 20  # encode about 1 MB of text at a time, cut where tokenization provably does not cross
 
 
 def default_cache_dir() -> Path:
@@ -56,56 +66,106 @@ def expand_data_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def _fingerprint(files: list[Path]) -> str:
-    digest = hashlib.sha256(_TOKENIZER.encode())
-    for path in files:
-        file_digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                file_digest.update(block)
-        digest.update(file_digest.digest())
-    return digest.hexdigest()[:24]
+def _fingerprint(files: list[Path]) -> tuple[str, list[str]]:
+    """The cache's name (tokenizer, format and contents of ``files``) and each file's sha256."""
+    from helpers.data import sha256_file
+
+    hashes = [sha256_file(path) for path in files]
+    digest = hashlib.sha256(f"{_TOKENIZER}/format-{_FORMAT}".encode())
+    for file_hash in hashes:
+        digest.update(bytes.fromhex(file_hash))
+    return digest.hexdigest()[:24], hashes
 
 
-def _text_chunks(text: str):
+def _safe_cut(text: str, start: int, end: int) -> int:
+    """The last index in (start, end] where a letter or digit is followed by a space or line break; else len(text)."""
+    if end >= len(text):
+        return len(text)
+    cut = end
+    while cut > start:
+        cut = max(text.rfind(" ", start + 1, cut + 1), text.rfind("\n", start + 1, cut + 1))
+        if cut <= start:
+            break
+        if text[cut - 1].isalnum():  # a letter or digit never shares a pre-token with the whitespace after it
+            return cut
+        cut -= 1
+    return len(text)  # no safe cut in this window: encode the rest in one piece
+
+
+def _text_pieces(text: str, chunk_chars: int) -> Iterator[str]:
     start = 0
     while start < len(text):
-        end = min(len(text), start + _CHUNK_CHARS)
-        if end < len(text):
-            cut = text.rfind("\n", start, end)
-            end = cut + 1 if cut > start else end
+        end = _safe_cut(text, start, start + chunk_chars)
         yield text[start:end]
         start = end
 
 
-def load_token_cache(files: list[Path], cache_dir: Path | None = None, progress: bool = True) -> np.memmap:
-    """Return the tokens of ``files`` (each followed by ``<|endoftext|>``) as a read-only uint16 memmap.
+def _manifest_problem(target: Path, files: list[Path], hashes: list[str]) -> str | None:
+    """Why the cache at ``target`` cannot be used (missing, or not what its manifest claims); None if it can."""
+    manifest_path = target.with_suffix(".json")
+    if not target.is_file() or not manifest_path.is_file():
+        return "missing"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        counts = [int(count) for count in manifest["doc_tokens"]]
+        claims = (manifest["tokenizer"], manifest["format"], manifest["dtype"], manifest["sha256"], manifest["sizes"])
+    except (ValueError, KeyError, TypeError) as error:
+        return f"its manifest is unreadable ({error})"
+    if claims != (_TOKENIZER, _FORMAT, "uint16", hashes, [path.stat().st_size for path in files]):
+        return "it was built from other files, sizes, tokenizer or format"
+    if target.stat().st_size != 2 * sum(counts) or manifest["tokens"] != sum(counts):
+        return f"it holds {target.stat().st_size} bytes, not 2 x {sum(counts)} tokens"
+    tokens = np.memmap(target, dtype=np.uint16, mode="r")
+    ends = np.cumsum(counts) - 1
+    if len(counts) != len(files) or (len(ends) and not np.all(tokens[ends] == _EOT)):
+        return "its documents do not end with <|endoftext|> where the manifest says"
+    return None
 
-    Tokenizes on the first call for this set of files and writes the cache atomically.
-    """
+
+def _write_tokens(tmp: Path, files: list[Path], chunk_chars: int, progress: bool) -> list[int]:
+    """Encode ``files`` into ``tmp`` as uint16, each followed by <|endoftext|>; return each file's token count."""
     from helpers.tokenizers import gpt2_tokenizer
 
+    tokenizer = gpt2_tokenizer()
+    counts = []
+    total_bytes = sum(path.stat().st_size for path in files)
+    with open(tmp, "wb") as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                                      disable=not progress) as bar:
+        for path in files:
+            count = 0
+            for piece in _text_pieces(path.read_text(encoding="utf-8", errors="replace"), chunk_chars):
+                ids = np.asarray(tokenizer.encode_ordinary(piece), dtype=np.uint16)
+                out.write(ids.tobytes())
+                count += len(ids)
+                bar.update(len(piece.encode("utf-8", errors="replace")))
+            out.write(np.asarray([tokenizer.eot_token], dtype=np.uint16).tobytes())
+            counts.append(count + 1)
+    return counts
+
+
+def load_token_cache(files: list[Path], cache_dir: Path | None = None, progress: bool = True, *,
+                     chunk_chars: int = _CHUNK_CHARS) -> np.memmap:
+    """Return the tokens of ``files`` (each followed by ``<|endoftext|>``) as a read-only uint16 memmap.
+
+    Tokenizes on the first call for this set of files, or when the cache on disk does not match its
+    manifest, and writes cache and manifest atomically. ``chunk_chars`` bounds the text encoded at
+    once; the tokens do not depend on it.
+    """
+    if chunk_chars < 1:
+        raise ValueError(f"chunk_chars must be at least 1, got {chunk_chars}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache_dir / f"{_fingerprint(files)}.uint16"
-    if not target.is_file():
+    name, hashes = _fingerprint(files)
+    target = cache_dir / f"{name}.uint16"
+    for leftover in (target, target.with_suffix(".json")):  # left by a writer that was killed
+        remove_stale_temporaries(leftover)
+    if _manifest_problem(target, files, hashes) is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer = gpt2_tokenizer()
-        total_bytes = sum(path.stat().st_size for path in files)
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
-                                              disable=not progress) as bar:
-                for path in files:
-                    text = path.read_text(encoding="utf-8", errors="replace")
-                    for chunk in _text_chunks(text):
-                        out.write(np.asarray(tokenizer.encode_ordinary(chunk), dtype=np.uint16).tobytes())
-                        bar.update(len(chunk.encode("utf-8", errors="replace")))
-                    out.write(np.asarray([tokenizer.eot_token], dtype=np.uint16).tobytes())
-
-        write_atomically(target, write)
-        manifest = {"tokenizer": _TOKENIZER, "files": [str(p) for p in files],
-                    "tokens": target.stat().st_size // 2}
-        target.with_suffix(".json").write_text(json.dumps(manifest, indent=1))
+        counts: list[int] = []
+        write_atomically(target, lambda tmp: counts.extend(_write_tokens(tmp, files, chunk_chars, progress)))
+        manifest = {"tokenizer": _TOKENIZER, "format": _FORMAT, "dtype": "uint16", "files": [str(p) for p in files],
+                    "sizes": [path.stat().st_size for path in files], "sha256": hashes, "doc_tokens": counts,
+                    "tokens": sum(counts)}
+        write_atomically(target.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     return np.memmap(target, dtype=np.uint16, mode="r")
 
 
