@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers.datasets import GPTDataset, create_dataloader
-from helpers.tokenizers import SimpleTokenizerV2, build_vocab
+from helpers.tokenizers import BPETokenizer, SimpleTokenizerV2, build_vocab
 
 
 def brute_force_windows(ids: list[int], max_length: int, stride: int) -> list[tuple[list[int], list[int]]]:
@@ -111,6 +111,68 @@ def test_exactly_max_length_tokens_is_too_short_and_one_more_gives_one_window():
 def test_non_positive_max_length_or_stride_is_refused(max_length, stride):
     with pytest.raises(ValueError, match="must be positive"):
         GPTDataset(list(range(50)), max_length, stride)
+
+
+@pytest.mark.parametrize(("max_length", "stride", "named"), [(2.5, 1, "max_length"), (4, 1.0, "stride"),
+                                                             (True, 1, "max_length"), (4, -2, "stride")])
+def test_max_length_or_stride_that_is_not_a_positive_integer_is_refused_by_name(max_length, stride, named):
+    with pytest.raises(ValueError, match=named):
+        GPTDataset(list(range(50)), max_length, stride)
+
+
+class RecordingTokenizer:
+    """A word-level tokenizer that records whether it was asked to encode."""
+
+    def __init__(self, text: str):
+        self.inner = SimpleTokenizerV2(build_vocab(text))
+        self.calls = 0
+
+    def encode(self, text: str) -> list[int]:
+        self.calls += 1
+        return self.inner.encode(text)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 2.0}, "batch_size"),
+        ({"max_length": 0}, "max_length"),
+        ({"stride": -1}, "stride"),
+        ({"stride": float("nan")}, "stride"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_create_dataloader_refuses_bad_numbers_by_name_before_tokenizing(verdict_text, kwargs, named):
+    tokenizer = RecordingTokenizer(verdict_text)
+    settings = {"batch_size": 2, "max_length": 4, "stride": 4, **kwargs}
+    with pytest.raises(ValueError, match=named):
+        create_dataloader(verdict_text, tokenizer=tokenizer, **settings)
+    assert tokenizer.calls == 0
+
+
+def test_create_dataloader_lets_a_type_error_inside_encode_through():
+    class Faulty:
+        def encode(self, text, allowed_special=frozenset()):
+            raise TypeError("a bug inside encode")
+
+    with pytest.raises(TypeError, match="a bug inside encode"):
+        create_dataloader("some text", batch_size=1, max_length=2, stride=1, tokenizer=Faulty())
+
+
+def test_create_dataloader_with_a_bpe_tokenizer_lacking_endoftext_encodes_it_as_text(verdict_text):
+    # given a trained tokenizer without special tokens, and text that contains "<|endoftext|>"
+    tokenizer = BPETokenizer().train(verdict_text[:5000], vocab_size=300)
+    text = verdict_text[:2000] + "<|endoftext|>" + verdict_text[2000:4000]
+    # when batched
+    loader = create_dataloader(text, batch_size=1, max_length=64, stride=64, shuffle=False, drop_last=False,
+                               tokenizer=tokenizer)
+    # then the windows hold the ids of the text with the separator spelled out as ordinary text
+    ids = torch.cat([inputs[0] for inputs, _ in loader]).tolist()
+    expected = tokenizer.encode(text, disallowed_special=())
+    assert ids == expected[: len(ids)]
+    assert tokenizer.decode(expected) == text
 
 
 def test_loader_batches_have_requested_shape_and_drop_the_last_partial_batch(verdict_text, gpt2_tok):

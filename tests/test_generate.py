@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from helpers.generate import generate, sample_next_token, text_to_token_ids, token_ids_to_text
+from helpers.generate import filter_logits, generate, sample_next_token, text_to_token_ids, token_ids_to_text
 from helpers.model import GPTModel
+from helpers.tokenizers import SimpleTokenizerV2, build_vocab
 
 
 def seeded_model(cfg, seed: int = 123) -> GPTModel:
@@ -151,6 +152,36 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert draws.count(0) / len(draws) == pytest.approx(0.5 / 0.8, abs=0.05)
 
 
+# Probabilities that float32 softmax reproduces exactly (powers of two), in shuffled order, so that a
+# cumulative sum lands exactly on top_p: 0.5 + 0.25 = 0.75 and 0.5 + 0.25 + 0.125 = 0.875.
+SHUFFLED_PROBS = torch.tensor([[0.125, 0.0625, 0.5, 0.0625, 0.25]])
+#                               id 0    id 1   id 2   id 3   id 4   -> by rank: 2, 4, 0, then 1 and 3
+
+
+@pytest.mark.parametrize(
+    ("top_p", "kept"),
+    [
+        (0.74, {2, 4}),  # just below 0.75: tokens 2 and 4 are needed and suffice
+        (0.75, {2, 4}),  # exactly 0.75: 2 and 4 reach it, so token 0 is not needed
+        (0.76, {2, 4, 0}),  # just above: token 0 is needed too
+        (0.875, {2, 4, 0}),  # exactly 0.875: 2, 4 and 0 reach it
+        (0.5, {2}),  # exactly the top token's probability: it alone reaches it
+        (0.51, {2, 4}),
+    ],
+)
+def test_top_p_keeps_exactly_the_hand_computed_set_on_unsorted_logits(top_p, kept):
+    # given logits whose softmax is exactly SHUFFLED_PROBS (checked, so the boundary cases are real)
+    logits = SHUFFLED_PROBS.log()
+    assert torch.equal(torch.softmax(logits, dim=-1), SHUFFLED_PROBS)
+    # when filtered by top-p
+    filtered = filter_logits(logits, temperature=1.0, top_p=top_p)
+    # then exactly the smallest set of most likely tokens whose probability reaches top_p survives
+    assert set(torch.isfinite(filtered)[0].nonzero().flatten().tolist()) == kept
+    generator = torch.Generator().manual_seed(0)
+    draws = {sample_next_token(logits, 1.0, top_p=top_p, generator=generator).item() for _ in range(300)}
+    assert draws == kept
+
+
 def test_temperature_zero_is_argmax_per_row():
     logits = torch.tensor([[0.1, 0.7, 0.2], [5.0, -1.0, 4.9]])
     assert sample_next_token(logits).tolist() == [[1], [0]]
@@ -210,6 +241,50 @@ def test_eos_stops_cached_gpt_generation_at_its_first_occurrence(tiny_cfg, tiny_
     assert out[0, 4:].tolist() == greedy[: step + 1]
 
 
+# -- NaN and infinite logits ------------------------------------------------------------------------
+
+
+class BrokenModel(nn.Module):
+    """Returns ordinary logits until step ``bad_step`` (1-based), then ``bad_value`` in row 0 of the last position."""
+
+    def __init__(self, bad_step: int, bad_value: float, prompt_length: int, vocab_size: int = 10):
+        super().__init__()
+        self.cfg = SimpleNamespace(context_length=64)
+        self.bad_step, self.bad_value = bad_step, bad_value
+        self.prompt_length, self.vocab_size = prompt_length, vocab_size
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = torch.arange(float(self.vocab_size)).repeat(*idx.shape, 1)
+        if idx.shape[1] - self.prompt_length + 1 >= self.bad_step:
+            logits[0, -1, 3] = self.bad_value
+        return logits
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generation_refuses_nan_or_inf_logits_naming_the_step(bad_value, temperature):
+    # given a model whose weights "diverge" at the third step
+    model = BrokenModel(bad_step=3, bad_value=bad_value, prompt_length=2)
+    # when / then generation stops there with a clear error instead of returning a token
+    with pytest.raises(ValueError, match=r"step 3 of 5.*NaN or infinite logits.*diverged"):
+        generate(model, torch.zeros(2, 2, dtype=torch.long), max_new_tokens=5, temperature=temperature)
+
+
+def test_generation_refuses_logits_that_are_minus_infinity_everywhere_but_allows_some():
+    partly = torch.tensor([[float("-inf"), 0.0, float("-inf")]])
+    assert sample_next_token(partly).tolist() == [[1]]
+    assert sample_next_token(partly, temperature=1.0).tolist() == [[1]]
+    with pytest.raises(ValueError, match="NaN or infinite logits"):
+        sample_next_token(torch.full((1, 3), float("-inf")), temperature=1.0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_sample_next_token_refuses_nan_logits(temperature):
+    logits = torch.tensor([[0.1, float("nan"), 0.3], [0.0, 1.0, 2.0]])
+    with pytest.raises(ValueError, match="sample_next_token.*NaN"):
+        sample_next_token(logits, temperature=temperature)
+
+
 # -- refusals ----------------------------------------------------------------------------------------
 
 
@@ -222,6 +297,10 @@ def test_eos_stops_cached_gpt_generation_at_its_first_occurrence(tiny_cfg, tiny_
         ({"temperature": 1.0, "top_p": 0.0}, "top_p"),
         ({"temperature": 1.0, "top_p": 1.5}, "top_p"),
         ({"temperature": 1.0, "top_p": -0.2}, "top_p"),
+        ({"temperature": 1.0, "top_p": float("nan")}, "top_p"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": 1.0, "top_k": 2.5}, "top_k"),
     ],
 )
 def test_invalid_sampling_settings_are_refused(tiny_cfg, tiny_model, kwargs, named):
@@ -236,6 +315,27 @@ def test_context_size_larger_than_the_model_is_refused(tiny_cfg, tiny_model):
     expected = rf"context_size \(32\).*context_length \({tiny_cfg.context_length}\)"
     with pytest.raises(ValueError, match=expected):
         generate(tiny_model, prompts(tiny_cfg, 1, 3), max_new_tokens=2, context_size=32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"max_new_tokens": 2, "context_size": 0}, "context_size"),
+        ({"max_new_tokens": 2, "context_size": -4}, "context_size"),
+        ({"max_new_tokens": 2, "eos_id": -1}, "eos_id"),
+    ],
+)
+def test_invalid_lengths_and_ids_are_refused_before_the_model_runs(tiny_cfg, tiny_model, kwargs, named):
+    calls: list[int] = []
+    handle = tiny_model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=named):
+            generate(tiny_model, prompts(tiny_cfg, 1, 3), **kwargs)
+    finally:
+        handle.remove()
+    assert calls == []
 
 
 @pytest.mark.parametrize("shape", [(5,), (1, 0)])
@@ -255,6 +355,23 @@ def test_text_to_token_ids_and_back_round_trips(gpt2_tok, tiktoken_gpt2):
     assert 50256 in ids[0].tolist()
     assert token_ids_to_text(ids, gpt2_tok) == text
     assert token_ids_to_text(ids[0], gpt2_tok) == text
+
+
+def test_text_to_token_ids_lets_a_type_error_inside_encode_through():
+    # given a tokenizer that takes allowed_special but fails inside encode with a TypeError of its own
+    class Faulty:
+        def encode(self, text, allowed_special=frozenset()):
+            return [len(text)] + None  # a bug inside encode
+
+    # when / then the caller sees that error, not a silent retry without allowed_special
+    with pytest.raises(TypeError, match="list"):
+        text_to_token_ids("Every effort", Faulty())
+
+
+def test_text_to_token_ids_uses_plain_encode_for_a_word_level_tokenizer(verdict_text):
+    tokenizer = SimpleTokenizerV2(build_vocab(verdict_text))
+    ids = text_to_token_ids("I had always thought Jack <|endoftext|> zebra", tokenizer)
+    assert ids[0].tolist() == tokenizer.encode("I had always thought Jack <|endoftext|> zebra")
 
 
 @given(st.text(max_size=200))
@@ -284,8 +401,6 @@ def test_filter_logits_keeps_the_top_k_and_the_top_p_nucleus():
     probs = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]])
     logits = probs.log()
     # when filtered
-    from helpers.generate import filter_logits
-
     top_2 = filter_logits(logits, top_k=2)
     nucleus = filter_logits(logits, top_p=0.7)  # 0.5 < 0.7 <= 0.75: the first two tokens
     hotter = filter_logits(logits, temperature=2.0)

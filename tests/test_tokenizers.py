@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import random
 import re
+import string
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import regex
@@ -11,6 +18,7 @@ import tiktoken
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import helpers.tokenizers as tokenizers_module
 from helpers.data import fetch, read_text
 from helpers.tokenizers import (
     GPT2_SPLIT_PATTERN,
@@ -92,10 +100,32 @@ VARIED_TEXT = "\n".join(
 )
 
 
+@contextlib.contextmanager
+def tiktoken_unavailable():
+    """Inside, tiktoken can be neither imported nor used: ids must come from BPETokenizer's own merges.
+
+    The reference ids are computed with tiktoken before entering; a ``from_gpt2`` that quietly
+    delegated to tiktoken would fail here instead of passing by comparing tiktoken with itself.
+    """
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tiktoken was called where BPETokenizer must work without it")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` raises ImportError
+        patch.setattr(tiktoken, "get_encoding", refuse)
+        for method in ("__init__", "encode", "encode_ordinary", "encode_batch", "encode_ordinary_batch",
+                       "encode_single_token", "_encode_single_piece", "_encode_bytes", "decode", "decode_bytes"):
+            patch.setattr(tiktoken.Encoding, method, refuse)
+        patch.setattr(tokenizers_module, "gpt2_tokenizer", refuse)
+        yield
+
+
 @pytest.fixture(scope="module")
 def gpt2_bpe() -> BPETokenizer:
-    """The from-scratch tokenizer with OpenAI's GPT-2 tables (built once: it takes about a second)."""
-    return BPETokenizer.from_gpt2()
+    """The from-scratch tokenizer with OpenAI's GPT-2 tables, built without tiktoken (about a second)."""
+    with tiktoken_unavailable():
+        return BPETokenizer.from_gpt2()
 
 
 @pytest.fixture(scope="module")
@@ -226,58 +256,118 @@ def test_gpt2_tokenizer_failure_mentions_tiktoken_cache_dir(fresh_gpt2_tokenizer
 # -- byte-level BPE: GPT-2's tables ------------------------------------------------------------
 
 
+def test_tiktoken_unavailable_stops_a_tokenizer_that_delegates_to_tiktoken():
+    # given a cheat: a "from-scratch" tokenizer that hands its work to tiktoken
+    class Delegating:
+        def encode(self, text):
+            import tiktoken as hidden
+
+            return hidden.get_encoding("gpt2").encode(text)
+
+    cheat, cached = Delegating(), tiktoken.get_encoding("gpt2")
+    # when / then it cannot produce ids while tiktoken is unavailable, even through an encoding made before
+    with tiktoken_unavailable():
+        with pytest.raises(ImportError):
+            cheat.encode("Hello")
+        with pytest.raises(AssertionError):
+            cached.encode("Hello")
+        with pytest.raises(AssertionError):
+            tokenizers_module.gpt2_tokenizer()
+    assert cheat.encode("Hello") == [15496]  # and it works again afterwards
+
+
 def test_from_gpt2_matches_tiktoken_on_varied_text(gpt2_bpe, reference):
     assert len(VARIED_TEXT.encode("utf-8")) > 3000
-    assert gpt2_bpe.encode(VARIED_TEXT) == reference.encode(VARIED_TEXT)
+    expected = reference.encode(VARIED_TEXT)
+    with tiktoken_unavailable():
+        assert gpt2_bpe.encode(VARIED_TEXT) == expected
 
 
 @pytest.mark.parametrize("line", VARIED_TEXT.split("\n"), ids=lambda line: line.split(":")[0][:20])
 def test_from_gpt2_matches_tiktoken_line_by_line(gpt2_bpe, reference, line):
-    ids = gpt2_bpe.encode(line)
-    assert ids == reference.encode(line)
-    assert gpt2_bpe.decode(ids) == line
+    expected = reference.encode(line)
+    with tiktoken_unavailable():
+        ids = gpt2_bpe.encode(line)
+        assert gpt2_bpe.decode(ids) == line
+    assert ids == expected
 
 
 def test_from_gpt2_matches_tiktoken_on_the_verdict(gpt2_bpe, reference, verdict_text):
-    ids = gpt2_bpe.encode(verdict_text)
-    assert ids == reference.encode(verdict_text)
-    assert gpt2_bpe.decode(ids) == verdict_text
+    expected = reference.encode(verdict_text)
+    with tiktoken_unavailable():
+        ids = gpt2_bpe.encode(verdict_text)
+        assert gpt2_bpe.decode(ids) == verdict_text
+    assert ids == expected
 
 
 def test_from_gpt2_matches_tiktoken_on_tinyshakespeare(gpt2_bpe, reference, shakespeare_slice):
-    ids = gpt2_bpe.encode(shakespeare_slice)
-    assert ids == reference.encode(shakespeare_slice)
-    assert gpt2_bpe.decode(ids) == shakespeare_slice
+    expected = reference.encode(shakespeare_slice)
+    with tiktoken_unavailable():
+        ids = gpt2_bpe.encode(shakespeare_slice)
+        assert gpt2_bpe.decode(ids) == shakespeare_slice
+    assert ids == expected
 
 
 def test_from_gpt2_encodes_endoftext_when_all_specials_allowed(gpt2_bpe, reference):
     text = "first document<|endoftext|>second document <|endoftext|>"
-    ids = gpt2_bpe.encode(text, allowed_special="all")
-    assert ids == reference.encode(text, allowed_special="all")
+    expected = reference.encode(text, allowed_special="all")
+    with tiktoken_unavailable():
+        ids = gpt2_bpe.encode(text, allowed_special="all")
+        assert gpt2_bpe.encode("<|endoftext|>", allowed_special="all") == [50256]
+    assert ids == expected
     assert ids.count(50256) == 2
-    assert gpt2_bpe.encode("<|endoftext|>", allowed_special="all") == [50256]
     assert gpt2_bpe.n_vocab == reference.n_vocab == 50257
 
 
-def test_from_gpt2_accepts_explicit_file_paths(gpt2_bpe):
-    explicit = BPETokenizer.from_gpt2(fetch("gpt2-encoder"), fetch("gpt2-vocab"))
-    assert explicit.encode(VARIED_TEXT) == gpt2_bpe.encode(VARIED_TEXT)
+def test_from_gpt2_accepts_explicit_file_paths(gpt2_bpe, reference):
+    expected = reference.encode(VARIED_TEXT)
+    with tiktoken_unavailable():
+        explicit = BPETokenizer.from_gpt2(fetch("gpt2-encoder"), fetch("gpt2-vocab"))
+        assert explicit.encode(VARIED_TEXT) == expected
+
+
+def random_letters(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(string.ascii_letters) for _ in range(n))
+
+
+def test_one_long_run_of_letters_encodes_in_near_linear_time_and_equals_tiktoken(gpt2_bpe, reference):
+    # given runs of N and 2N letters without a space: GPT-2's pre-tokenizer makes each run one chunk,
+    # so the merge loop alone decides the time (three fresh runs per length: the chunk cache never helps)
+    n = 20_000
+    runs = {length: [random_letters(length, seed) for seed in range(3)] for length in (n, 2 * n)}
+    expected = {length: [reference.encode(run) for run in texts] for length, texts in runs.items()}
+    # when each is encoded, with tiktoken out of reach
+    seconds, ids = {}, {}
+    with tiktoken_unavailable():
+        for length, texts in runs.items():
+            timings = []
+            for text in texts:
+                start = time.perf_counter()
+                ids.setdefault(length, []).append(gpt2_bpe.encode(text))
+                timings.append(time.perf_counter() - start)
+            seconds[length] = min(timings)
+    # then the ids are tiktoken's, and twice the letters take about twice the time (quadratic would be 4x)
+    assert ids == expected
+    assert seconds[2 * n] <= 4 * seconds[n], f"N letters: {seconds[n]:.3f} s, 2N letters: {seconds[2 * n]:.3f} s"
 
 
 def test_disallowed_special_token_raises_like_tiktoken(gpt2_bpe, reference):
     text = "The end.<|endoftext|>A new story."
     with pytest.raises(ValueError):
         reference.encode(text)
-    with pytest.raises(ValueError, match=re.escape("<|endoftext|>")):
+    with tiktoken_unavailable(), pytest.raises(ValueError, match=re.escape("<|endoftext|>")):
         gpt2_bpe.encode(text)
 
 
 def test_disallowed_special_empty_encodes_special_token_as_text(gpt2_bpe, reference):
     text = "The end.<|endoftext|>A new story."
-    ids = gpt2_bpe.encode(text, disallowed_special=())
-    assert ids == reference.encode(text, disallowed_special=())
+    expected = reference.encode(text, disallowed_special=())
+    with tiktoken_unavailable():
+        ids = gpt2_bpe.encode(text, disallowed_special=())
+        assert gpt2_bpe.decode(ids) == text
+    assert ids == expected
     assert 50256 not in ids
-    assert gpt2_bpe.decode(ids) == text
 
 
 # Letters assigned in Unicode 17 (2025) followed by a contraction: Armenian U+0558, Sidetic U+10940,
@@ -286,20 +376,20 @@ UNICODE_17_LETTERS_BEFORE_CONTRACTION = ["\u0558's", "x\U00010940'll go", "\U000
 
 
 def test_from_gpt2_matches_tiktoken_around_letters_new_in_unicode_17(gpt2_bpe, reference):
-    mismatches = {
-        text: (gpt2_bpe.encode_ordinary(text), reference.encode_ordinary(text))
-        for text in UNICODE_17_LETTERS_BEFORE_CONTRACTION
-        if gpt2_bpe.encode_ordinary(text) != reference.encode_ordinary(text)
-    }
-    assert mismatches == {}
+    expected = {text: reference.encode_ordinary(text) for text in UNICODE_17_LETTERS_BEFORE_CONTRACTION}
+    with tiktoken_unavailable():
+        ours = {text: gpt2_bpe.encode_ordinary(text) for text in UNICODE_17_LETTERS_BEFORE_CONTRACTION}
+    assert ours == expected
 
 
 @given(st.text())
 @example(UNICODE_17_LETTERS_BEFORE_CONTRACTION[0])
 def test_from_gpt2_equals_tiktoken_encode_ordinary_on_any_text(gpt2_bpe, reference, text):
-    ids = gpt2_bpe.encode_ordinary(text)
-    assert ids == reference.encode_ordinary(text)
-    assert gpt2_bpe.decode(gpt2_bpe.encode_ordinary(text)) == text
+    expected = reference.encode_ordinary(text)
+    with tiktoken_unavailable():
+        ids = gpt2_bpe.encode_ordinary(text)
+        assert gpt2_bpe.decode(ids) == text
+    assert ids == expected
 
 
 # Whitespace of every kind, contraction letters, digits, punctuation and multi-code-point characters,
@@ -311,7 +401,21 @@ PRETOKENIZER_HOSTILE = st.lists(st.sampled_from(PRETOKENIZER_PIECES), max_size=4
 
 @given(PRETOKENIZER_HOSTILE)
 def test_from_gpt2_equals_tiktoken_on_whitespace_and_contraction_mixtures(gpt2_bpe, reference, text):
-    assert gpt2_bpe.encode_ordinary(text) == reference.encode_ordinary(text)
+    expected = reference.encode_ordinary(text)
+    with tiktoken_unavailable():
+        assert gpt2_bpe.encode_ordinary(text) == expected
+
+
+# Pieces of GPT-2 tokens glued without spaces, so that chunks are long and many merges compete.
+LETTER_RUNS = st.lists(st.sampled_from(["a", "aa", "ab", "the", "ing", "tion", "x", "Q", "é", "ll", "er", "re"]),
+                       max_size=200).map("".join)
+
+
+@given(LETTER_RUNS)
+def test_from_gpt2_equals_tiktoken_on_long_runs_of_glued_pieces(gpt2_bpe, reference, text):
+    expected = reference.encode_ordinary(text)
+    with tiktoken_unavailable():
+        assert gpt2_bpe.encode_ordinary(text) == expected
 
 
 # -- byte-level BPE: trained from scratch ------------------------------------------------------
@@ -371,6 +475,66 @@ def test_each_learned_merge_is_the_most_frequent_pair_at_its_step(verdict_text):
     assert len(tokenizer.merges) == 320 - 256
 
 
+def textbook_bpe_encode(text: str, merges: list[tuple[int, int]], new_ids: list[int], pattern: str) -> list[int]:
+    """A reference written for the test: split ``text`` with ``pattern``, then in each chunk repeatedly
+    merge every occurrence of the adjacent pair learned earliest, until no learned pair is left."""
+    rank = {pair: order for order, pair in enumerate(merges)}
+    ids: list[int] = []
+    for chunk in regex.findall(pattern, text):
+        word = list(chunk.encode("utf-8"))
+        while True:
+            present = [pair for pair in zip(word, word[1:], strict=False) if pair in rank]
+            if not present:
+                break
+            first = min(present, key=rank.__getitem__)
+            merged, i = [], 0
+            while i < len(word):
+                if tuple(word[i : i + 2]) == first:
+                    merged.append(new_ids[rank[first]])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        ids.extend(word)
+    return ids
+
+
+@pytest.mark.parametrize("fixture", ["verdict_bpe_400", "verdict_bpe_500"])
+def test_trained_tokenizer_ids_equal_a_textbook_replay_of_its_merges(request, fixture, reference,
+                                                                     shakespeare_slice):
+    # given a trained tokenizer, and varied text it has not seen: prose, every script, long runs of letters
+    tokenizer = request.getfixturevalue(fixture)
+    text = VARIED_TEXT + shakespeare_slice[:5000] + "a" * 700 + random_letters(2000, seed=1) + " " + "ab" * 300
+    # when it encodes the text, and the textbook algorithm replays its merges with tiktoken's pre-tokenizer
+    ours = tokenizer.encode(text)
+    replayed = textbook_bpe_encode(text, list(tokenizer.merges), list(tokenizer.merges.values()),
+                                   reference._pat_str)
+    # then both give the same ids
+    assert ours == replayed
+    assert len(ours) < len(text.encode("utf-8"))  # and merges were applied
+
+
+def test_training_merges_the_most_frequent_pair_first_and_breaks_ties_by_smallest_pair():
+    # given text whose chunks are "xyxy", " cdcd", " cdcd"; counted by hand:
+    #   (c,d) 2+2 = 4, (x,y) 2, (' ',c) 2, (d,c) 2, (y,x) 1  -> first merge (c,d) = 256
+    #   then " cdcd" is (' ', 256, 256): (x,y) 2, (' ',256) 2, (256,256) 2, (y,x) 1
+    #   -> a three-way tie at 2, won by the smallest pair (32, 256) = 257
+    text = "xyxy cdcd cdcd"
+    # when two merges are learned
+    tokenizer = BPETokenizer().train(text, vocab_size=258)
+    # then
+    assert tokenizer.merges == {(ord("c"), ord("d")): 256, (ord(" "), 256): 257}
+    assert tokenizer.vocab[256] == b"cd" and tokenizer.vocab[257] == b" cd"
+    assert tokenizer.encode(" cdcd") == [257, 256]
+
+
+@pytest.mark.parametrize("vocab_size", [300.0, float("nan"), True, "300"])
+def test_vocab_size_that_is_not_an_integer_is_refused(vocab_size):
+    with pytest.raises(ValueError, match="vocab_size"):
+        BPETokenizer().train("some text to learn from", vocab_size=vocab_size)
+
+
 def test_trained_tokenizer_merges_frequent_words_of_the_story(verdict_bpe_500):
     # " the" is among the story's most frequent chunks; after 242 merges it is one token
     assert len(verdict_bpe_500.encode(" the")) == 1
@@ -394,8 +558,10 @@ def test_saved_and_loaded_tokenizer_encodes_held_out_text_identically(verdict_bp
 
 
 def test_gpt2_tokenizer_survives_save_and_load(gpt2_bpe, reference, tmp_path):
-    loaded = BPETokenizer.load(gpt2_bpe.save(tmp_path / "gpt2.json"))
-    assert loaded.encode(VARIED_TEXT) == reference.encode(VARIED_TEXT)
+    expected = reference.encode(VARIED_TEXT)
+    with tiktoken_unavailable():
+        loaded = BPETokenizer.load(gpt2_bpe.save(tmp_path / "gpt2.json"))
+        assert loaded.encode(VARIED_TEXT) == expected
 
 
 def test_loading_a_text_file_raises_value_error_naming_it(tmp_path):
@@ -415,3 +581,107 @@ def test_loading_a_foreign_json_file_raises_value_error_naming_it():
 def test_vocab_size_below_bytes_plus_specials_raises(verdict_text, vocab_size, specials):
     with pytest.raises(ValueError, match=str(256 + len(specials))):
         BPETokenizer().train(verdict_text, vocab_size=vocab_size, special_tokens=specials)
+
+
+# -- files that are not what they claim -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_bpe() -> BPETokenizer:
+    return BPETokenizer().train("low lower lowest newer newest wider " * 5, vocab_size=270,
+                                special_tokens=["<|endoftext|>"])
+
+
+def damaged(document: dict, damage: str) -> str:
+    """The JSON text of a saved tokenizer with one kind of damage."""
+    document = json.loads(json.dumps(document))
+    if damage == "missing key":
+        del document["merges"]
+    elif damage == "wrong type":
+        document["vocab"] = list(document["vocab"])
+    elif damage == "string id":
+        first = next(iter(document["vocab"]))
+        document["vocab"][first] = "0"
+    elif damage == "merges disagree with vocab size":
+        document["merges"] = document["merges"][:-1]
+    elif damage == "id out of range":
+        last = list(document["vocab"])[-1]
+        document["vocab"][last] = 10**6
+    elif damage == "id repeated":
+        document["special_tokens"]["<|endoftext|>"] = 0
+    elif damage == "merge of unknown tokens":
+        document["merges"][-1] = "Ġnonsense Ġtokens"
+    elif damage == "newer version":
+        document["version"] = 2
+    text = json.dumps(document, ensure_ascii=False)
+    return text[: len(text) // 2] if damage == "truncated JSON" else text
+
+
+@pytest.mark.parametrize("damage", ["missing key", "wrong type", "string id", "merges disagree with vocab size",
+                                    "id out of range", "id repeated", "merge of unknown tokens", "newer version",
+                                    "truncated JSON"])
+def test_loading_a_damaged_tokenizer_file_raises_value_error_naming_it(small_bpe, tmp_path, damage):
+    # given a saved tokenizer, damaged
+    good = small_bpe.save(tmp_path / "good.json")
+    assert BPETokenizer.load(good).encode("lowest newer") == small_bpe.encode("lowest newer")
+    bad = tmp_path / "bad.json"
+    bad.write_text(damaged(json.loads(good.read_text(encoding="utf-8")), damage), encoding="utf-8")
+    # when / then loading it is refused with a message naming the file
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        BPETokenizer.load(bad)
+
+
+@pytest.fixture(scope="module")
+def gpt2_files() -> tuple[Path, Path]:
+    return fetch("gpt2-encoder"), fetch("gpt2-vocab")
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [("encoder truncated", "encoder"), ("encoder id not an integer", "encoder"), ("encoder is a list", "encoder"),
+     ("a merge dropped", "vocab"), ("a merge of three tokens", "vocab"), ("a merge of an unknown token", "vocab")],
+)
+def test_from_gpt2_with_damaged_files_raises_value_error_naming_the_file(gpt2_files, tmp_path, damage, named):
+    # given copies of GPT-2's encoder.json and vocab.bpe, one of them damaged
+    encoder_json, vocab_bpe = tmp_path / "encoder.json", tmp_path / "vocab.bpe"
+    encoder_text = gpt2_files[0].read_text(encoding="utf-8")
+    lines = gpt2_files[1].read_text(encoding="utf-8").splitlines()
+    if damage == "encoder truncated":
+        encoder_text = encoder_text[:1000]
+    elif damage == "encoder id not an integer":
+        encoder_text = encoder_text.replace('"!": 0', '"!": "0"', 1)
+    elif damage == "encoder is a list":
+        encoder_text = json.dumps(list(json.loads(encoder_text)))
+    elif damage == "a merge dropped":
+        lines = lines[:-1]
+    elif damage == "a merge of three tokens":
+        lines[5] += " e"
+    elif damage == "a merge of an unknown token":
+        lines[5] = "Ġ zzzzzzzzzz"
+    encoder_json.write_text(encoder_text, encoding="utf-8")
+    vocab_bpe.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    damaged_file = encoder_json if named == "encoder" else vocab_bpe
+    # when / then
+    with pytest.raises(ValueError, match=re.escape(str(damaged_file))):
+        BPETokenizer.from_gpt2(encoder_json, vocab_bpe)
+
+
+def test_a_failed_save_leaves_the_previous_file_intact_and_no_temporary_file(small_bpe, tmp_path, monkeypatch):
+    # given a tokenizer saved once
+    path = small_bpe.save(tmp_path / "bpe.json")
+    before = path.read_bytes()
+    # when a second save dies half-way through writing
+    original = Path.write_text
+
+    def write_half_then_fail(self, text, *args, **kwargs):
+        original(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", write_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        BPETokenizer().train("other text entirely, other text", vocab_size=260).save(path)
+    monkeypatch.undo()
+    # then the first save is still there, whole, and nothing else
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bpe.json"]
+    assert BPETokenizer.load(path).merges == small_bpe.merges
