@@ -9,28 +9,45 @@ own rows, so a run's result does not depend on how many processes share it. Drop
 from ``(--seed, s, rank)`` every step and the learning rate is a function of the step alone, so
 stopping and ``--resume`` continue exactly where a single run would be.
 
+Initialisation. A new model gets GPT-2's scheme (``--init gpt2``, the default:
+``helpers.model.init_gpt2_weights``, normal(0, 0.02) weights and residual projections scaled by
+1/sqrt(2 x n_layers)) or PyTorch's default initialisation of each layer (``--init pytorch``).
+A resumed model keeps its weights, so ``--resume`` refuses ``--init``.
+
+Precision. ``--precision auto`` (the default) computes in bfloat16 under autocast on a CUDA GPU
+that supports it and in float32 elsewhere; ``float32``, ``bfloat16`` and ``float16`` force one
+(``helpers.runtime.autocast``). Weights and optimizer state stay float32.
+
 Files. ``DIR/model.safetensors`` holds the latest weights (loadable by
 ``helpers.train.load_checkpoint`` and ``helpers.weights.load_gpt2``), ``DIR/model.state.pt`` the
 optimizer state and step beside it, ``DIR/log.jsonl`` one line per logged step. Ctrl-C (or
-SIGTERM) finishes the current step, saves, and exits.
+SIGTERM) finishes the current step, saves, and exits. A run killed at any moment (even during a
+save) leaves a checkpoint that ``--resume`` continues from.
+
+Errors. Every option is checked, and every problem that can be known before training (an
+unwritable ``--out``, a missing ``--data``, options that ``--resume`` would ignore) is reported
+before the first step, as one line on stderr: exit status 2. A loss that becomes NaN or infinite
+stops the run without saving (the last checkpoint stays intact): exit status 1.
 
 MFU (model FLOPs utilisation) = achieved FLOP/s / peak FLOP/s. The achieved FLOPs per token are
 ``6 * N + 12 * n_layers * emb_dim * context_length`` (N: weights used in matrix products, output
 head included, embeddings lookups excluded; 6 = 2 FLOPs per multiply-add x forward + 2x backward;
 the second term is attention's score and value products). The peak is ``--peak-flops``, else
 ``$LLM_PEAK_FLOPS``, else a table of known GPUs (bf16 dense), else, on a CPU, a float32 matmul
-measured at start-up.
+measured at start-up (``helpers.runtime.peak_flops``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,18 +56,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from helpers.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from helpers import runtime
+from helpers.checkpoint import (
+    CheckpointError,
+    checkpoint_paths,
+    load_checkpoint,
+    read_config,
+    recover_interrupted_save,
+    save_checkpoint,
+)
 from helpers.corpus import default_cache_dir, expand_data_paths, load_token_cache, token_batch
+from helpers.data import DataError
 from helpers.model import GPT_CONFIGS, GPTConfig, GPTModel, init_gpt2_weights
-from helpers.runtime import device as best_device
-from helpers.train import calc_loss_batch, learning_rate_at
+from helpers.train import TrainingDiverged, calc_loss_batch, learning_rate_at
 
-# Peak dense bf16 FLOP/s of common accelerators, by a substring of torch.cuda.get_device_name().
-KNOWN_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12, "T4": 65e12,
-                    "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+__all__ = ["PretrainError", "build_parser", "flops_per_token", "main", "run", "validate_args"]
+
+
+class PretrainError(Exception):
+    """A run cannot start or continue as asked; the message names the option or file and what to do."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line's options (``--help`` lists them with their defaults)."""
     parser = argparse.ArgumentParser(prog="python -m helpers.pretrain", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
@@ -68,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--context-length", type=int)
     model.add_argument("--dropout", type=float)
     model.add_argument("--tie-weights", action="store_true", help="share the token embedding with the output head")
+    model.add_argument("--init", choices=["gpt2", "pytorch"], default=None,
+                       help="initialisation of a new model (default gpt2; see above)")
     train = parser.add_argument_group("training")
     train.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-step")
     train.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -86,12 +116,61 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     system = parser.add_argument_group("system")
     system.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    system.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="compute dtype via autocast (default bfloat16 on GPUs that support it, else float32)")
+    system.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="compute dtype under autocast (see above)")
+    system.add_argument("--dtype", dest="precision", choices=["float32", "bfloat16", "float16"],
+                        help=argparse.SUPPRESS)  # the former name of --precision
     system.add_argument("--compile", action="store_true", help="torch.compile the model")
     system.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (see above)")
     system.add_argument("--quiet", action="store_true", help="no log lines on stdout (log.jsonl is still written)")
     return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: every number is checked before any work starts
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+# option -> (what it must be, the test); None (an unset option) is always allowed
+_RULES = {
+    "batch_size": ("an integer >= 1", lambda v: v >= 1),
+    "grad_accum": ("an integer >= 1", lambda v: v >= 1),
+    "max_steps": ("an integer >= 1", lambda v: v >= 1),
+    "log_every": ("an integer >= 1", lambda v: v >= 1),
+    "eval_batches": ("an integer >= 1", lambda v: v >= 1),
+    "n_layers": ("an integer >= 1", lambda v: v >= 1),
+    "n_heads": ("an integer >= 1", lambda v: v >= 1),
+    "emb_dim": ("an integer >= 1", lambda v: v >= 1),
+    "context_length": ("an integer >= 1", lambda v: v >= 1),
+    "decay_steps": ("an integer >= 1 (leave it out for a constant rate)", lambda v: v >= 1),
+    "warmup_steps": ("an integer >= 0", lambda v: v >= 0),
+    "eval_every": ("an integer >= 0 (0: never)", lambda v: v >= 0),
+    "save_every": ("an integer >= 0 (0: only at the end)", lambda v: v >= 0),
+    "seed": ("an integer >= 0", lambda v: v >= 0),
+    "lr": ("a finite number > 0", lambda v: _finite(v) and v > 0),
+    "min_lr": ("a finite number >= 0", lambda v: _finite(v) and v >= 0),
+    "weight_decay": ("a finite number >= 0", lambda v: _finite(v) and v >= 0),
+    "grad_clip": ("a finite number >= 0 (0: off)", lambda v: _finite(v) and v >= 0),
+    "dropout": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "val_fraction": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "peak_flops": ("a finite number of FLOP/s > 0", lambda v: _finite(v) and v > 0),
+}
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Raise ``PretrainError`` naming every option whose value is out of range (NaN, inf, negative, zero)."""
+    problems = []
+    for name, (requirement, ok) in _RULES.items():
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            problems.append(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
+    if not problems and args.min_lr is not None and args.min_lr > args.lr:
+        problems.append(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
+    if problems:
+        raise PretrainError("; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +185,7 @@ class _Dist:
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device(requested_device) if requested_device else best_device()
+        device = torch.device(requested_device) if requested_device else runtime.device()
         if device.type == "cuda" and self.enabled:
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
@@ -144,20 +223,48 @@ class _Dist:
             dist.destroy_process_group()
 
 
-def _model_config(args, saved: dict | None) -> GPTConfig:
+# ---------------------------------------------------------------------------------------------
+# the model: its config (new or saved), optimizer and FLOPs
+
+
+_SIZE_OPTIONS = {"n_layers": "n-layers", "n_heads": "n-heads", "emb_dim": "emb-dim",
+                 "context_length": "context-length", "drop_rate": "dropout"}
+
+
+def _given_sizes(args) -> dict:
     sizes = {"n_layers": args.n_layers, "n_heads": args.n_heads, "emb_dim": args.emb_dim,
              "context_length": args.context_length, "drop_rate": args.dropout}
-    given = {key: value for key, value in sizes.items() if value is not None}
+    return {key: value for key, value in sizes.items() if value is not None}
+
+
+def _resume_clashes(args, saved: GPTConfig) -> list[str]:
+    """The options that ``--resume`` would ignore because the saved model decides them."""
+    clashes = [f"--{_SIZE_OPTIONS[k]} {v} (saved: {getattr(saved, k)})" for k, v in _given_sizes(args).items()
+               if getattr(saved, k) != v]
+    if args.preset:
+        preset = GPT_CONFIGS[args.preset]
+        clashes += [f"--preset {args.preset} sets {k} {getattr(preset, k)} (saved: {getattr(saved, k)})"
+                    for k in ("vocab_size", "n_layers", "n_heads", "emb_dim", "context_length")
+                    if k not in _given_sizes(args) and getattr(preset, k) != getattr(saved, k)]
+    if args.tie_weights and not saved.tie_weights:
+        clashes.append("--tie-weights (saved: untied)")
+    if args.init is not None:
+        clashes.append(f"--init {args.init} (a resumed model keeps its trained weights)")
+    return clashes
+
+
+def _model_config(args, saved: dict | None) -> GPTConfig:
+    """The config of a new model (preset, then the sizes given), or the saved one when resuming."""
     if saved is not None:
         config = GPTConfig.from_dict(saved)
-        clashes = [f"--{k.replace('_', '-')} {v} (saved: {getattr(config, k)})" for k, v in given.items()
-                   if getattr(config, k) != v]
+        clashes = _resume_clashes(args, config)
         if clashes:
-            raise SystemExit(f"--resume continues the saved model, but these options differ: {', '.join(clashes)}")
+            raise PretrainError(f"--resume continues the saved model, but these options differ: {', '.join(clashes)}; "
+                                "leave them out to continue, or start a new run in another --out")
         return config
     base = GPT_CONFIGS[args.preset] if args.preset else GPTConfig(emb_dim=256, n_heads=4, n_layers=4,
                                                                    context_length=256, drop_rate=0.0)
-    values = {**base.to_dict(), **given}
+    values = {**base.to_dict(), **_given_sizes(args)}
     if args.tie_weights:
         values["tie_weights"] = True
     return GPTConfig(**values)
@@ -179,35 +286,8 @@ def flops_per_token(cfg: GPTConfig) -> float:
     return 6 * matmul_weights + 12 * cfg.n_layers * cfg.emb_dim * cfg.context_length
 
 
-def measure_cpu_peak_flops(size: int = 1024, seconds: float = 1.0) -> float:
-    """Measured float32 matmul FLOP/s of this CPU (square matrices of ``size``)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
-    best = 0.0
-    for _ in range(3):  # the best of three, so a moment of contention does not lower the peak
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 3:
-            a @ b
-            count += 1
-        best = max(best, 2 * size**3 * count / (time.perf_counter() - start))
-    return best
-
-
-def _peak_flops(args, device: torch.device) -> float | None:
-    if args.peak_flops:
-        return args.peak_flops
-    if os.environ.get("LLM_PEAK_FLOPS"):
-        return float(os.environ["LLM_PEAK_FLOPS"])
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((peak for key, peak in KNOWN_PEAK_FLOPS.items() if key in name), None)
-    if device.type == "cpu":
-        return measure_cpu_peak_flops()
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
-# batches
+# batches: one rule for which rows a process takes, in training and in evaluation
 
 
 _TRAIN_STREAM, _VAL_STREAM, _DROPOUT_STREAM = 0, 1, 2
@@ -221,12 +301,193 @@ def _rows_of_step(seed: int, step: int, n_rows: int, n_tokens: int, context_leng
 
 
 def _my_offsets(offsets: np.ndarray, micro: int, env: _Dist, batch_size: int) -> np.ndarray:
+    """This process's rows of micro-batch ``micro``: the global rows are laid out micro-batch by micro-batch."""
     start = (micro * env.world + env.rank) * batch_size
     return offsets[start : start + batch_size]
 
 
 # ---------------------------------------------------------------------------------------------
-# the run
+# the state of a run, and its steps
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything a run's steps share: options, process, data, model, optimizer and progress."""
+
+    args: argparse.Namespace
+    env: _Dist
+    cfg: GPTConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    tokens_seen: int = 0
+    forward_model: nn.Module | None = None  # the model wrapped by DDP and torch.compile
+    train_tokens: np.ndarray | None = None
+    val_tokens: np.ndarray | None = None
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.args.batch_size * self.env.world * self.args.grad_accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.rows_per_step * self.cfg.context_length
+
+
+def _prepare_out_dir(args, env: _Dist) -> Path:
+    """Check ``--out`` against ``--resume`` and that it can be written; finish a save a kill interrupted."""
+    out_dir: Path = args.out
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PretrainError(f"--out {out_dir} is a file, not a folder; choose a folder")
+    if env.main and out_dir.is_dir():
+        recover_interrupted_save(out_dir)  # a run killed while saving: keep the newest whole checkpoint
+    env.barrier()
+    weights_path, _ = checkpoint_paths(out_dir)
+    if args.resume and not weights_path.is_file():
+        raise PretrainError(f"--resume: {out_dir} holds no checkpoint ({weights_path.name}) to continue")
+    if not args.resume and weights_path.exists():
+        raise PretrainError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if env.main:
+        _check_writable(out_dir)
+        stale_log = out_dir / "log.jsonl"
+        if not args.resume and stale_log.exists():  # left by a run that never saved: keep it aside
+            os.replace(stale_log, out_dir / f"log.{int(time.time())}.jsonl")
+    return out_dir
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise PretrainError(f"--out {out_dir} cannot be written ({error.strerror or error}); "
+                            "choose a folder you can write to") from error
+
+
+def _build_model(args, env: _Dist) -> _Run:
+    """A new model (initialised as ``--init`` says) or the saved one, with its optimizer and progress."""
+    saved = read_config(args.out) if args.resume else None
+    if args.resume and saved is None:
+        raise PretrainError(f"{checkpoint_paths(args.out)[0]} has no model config in its metadata; "
+                            "it was not written by this command")
+    cfg = _model_config(args, saved)
+    torch.manual_seed(args.seed)
+    model = GPTModel(cfg)
+    if not args.resume and (args.init or "gpt2") == "gpt2":
+        init_gpt2_weights(model)
+    model.to(env.device)
+    run = _Run(args, env, cfg, model, _optimizer(model, args, env.device))
+    if args.resume:
+        state = load_checkpoint(args.out, model, run.optimizer)
+        run.step, run.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+        if args.max_steps <= run.step:
+            raise PretrainError(f"--max-steps {args.max_steps} is not beyond the saved step {run.step}; "
+                                "pass a larger --max-steps to continue training")
+        if env.main:
+            _trim_log(args.out / "log.jsonl", run.step)
+    run.forward_model = _wrap(model, env, args.compile)
+    return run
+
+
+def _wrap(model: nn.Module, env: _Dist, compile_model: bool) -> nn.Module:
+    if env.enabled:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return torch.compile(model) if compile_model else model
+
+
+def _trim_log(log_path: Path, saved_step: int) -> None:
+    """Keep the log lines a resumed run stands on: whole JSON records up to the saved step."""
+    if not log_path.is_file():
+        return
+    kept = []
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the half line of a killed write
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= saved_step:
+            kept.append(line)
+    runtime.write_atomically(log_path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
+
+
+def _load_splits(run: _Run, files: list[Path]) -> None:
+    """Tokenize (rank 0 first, the others then read its cache) and split into training and validation tokens."""
+    args, env = run.args, run.env
+    if env.main:
+        tokens = load_token_cache(files, args.cache_dir, progress=not args.quiet)
+    env.barrier()
+    if not env.main:
+        tokens = load_token_cache(files, args.cache_dir, progress=False)
+    n_val = int(len(tokens) * args.val_fraction)
+    run.train_tokens, run.val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+    for name, part in (("training", run.train_tokens), ("validation", run.val_tokens)):
+        if len(part) <= run.cfg.context_length + 1 and (name == "training" or args.eval_every):
+            raise PretrainError(f"the {name} split has {len(part)} tokens, too few for one window of context_length "
+                                f"{run.cfg.context_length}; add data or lower --context-length/--val-fraction")
+
+
+def _train_step(run: _Run) -> tuple[float, float]:
+    """One optimizer step: learning rate, micro-batches, divergence check, clipping, update; return (loss, lr)."""
+    args, env = run.args, run.env
+    lr = learning_rate_at(run.step, args.lr, args.warmup_steps, args.decay_steps,
+                          args.min_lr if args.min_lr is not None else args.lr / 10)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    offsets = _rows_of_step(args.seed, run.step, run.rows_per_step, len(run.train_tokens), run.cfg.context_length)
+    # dropout masks depend on the step alone, so a resumed run draws the same ones
+    torch.manual_seed(int(np.random.SeedSequence([args.seed, _DROPOUT_STREAM, run.step, env.rank])
+                          .generate_state(1)[0]))
+    step_loss = 0.0
+    for micro in range(args.grad_accum):
+        inputs, targets = token_batch(run.train_tokens, _my_offsets(offsets, micro, env, args.batch_size),
+                                      run.cfg.context_length)
+        last = micro == args.grad_accum - 1
+        sync = contextlib.nullcontext() if last or not env.enabled else run.forward_model.no_sync()
+        with sync, runtime.autocast(env.device, args.precision):
+            loss = calc_loss_batch(inputs, targets, run.forward_model, env.device) / args.grad_accum
+        with sync:
+            loss.backward()
+        step_loss += loss.item()
+    if env.any(not math.isfinite(step_loss)):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"the loss became {step_loss} at step {run.step}; stopped without saving these "
+                               f"weights (the last checkpoint in {args.out} is intact). Lower --lr or add "
+                               "--warmup-steps.", run.step, {"loss": step_loss, "lr": lr})
+    if args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.tokens_seen += run.tokens_per_step
+    return step_loss, lr
+
+
+def _evaluate(run: _Run) -> float:
+    """The mean validation loss over ``--eval-batches`` global batches, the same however many processes share them."""
+    args, env = run.args, run.env
+    offsets = _rows_of_step(args.seed, 0, args.eval_batches * args.batch_size * env.world, len(run.val_tokens),
+                            run.cfg.context_length, stream=_VAL_STREAM)
+    total = 0.0
+    with runtime.eval_mode(run.model), torch.no_grad(), runtime.autocast(env.device, args.precision):
+        for batch in range(args.eval_batches):
+            rows = _my_offsets(offsets, batch, env, args.batch_size)
+            inputs, targets = token_batch(run.val_tokens, rows, run.cfg.context_length)
+            total += calc_loss_batch(inputs, targets, run.model, env.device).item() * len(inputs)
+    return env.all_mean(total) * env.world / len(offsets)
+
+
+def _save(run: _Run) -> None:
+    if run.env.main:
+        run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()}
+        save_checkpoint(run.args.out, run.model, run.optimizer, step=run.step, tokens_seen=run.tokens_seen,
+                        args=run_args)
+    run.env.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# logging
 
 
 class _StopRequest:
@@ -264,8 +525,48 @@ def _log(record: dict, out_dir: Path, quiet: bool) -> None:
               f"{record['tokens_per_s']:,.0f} tok/s{mfu}", flush=True)
 
 
+@dataclasses.dataclass
+class _Window:
+    """Training losses and tokens since the last log line, for its mean loss and tokens per second."""
+
+    peak_flops: float | None
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    tokens: int = 0
+    losses: list = dataclasses.field(default_factory=list)
+
+    def log(self, run: _Run, lr: float) -> None:
+        loss = run.env.all_mean(sum(self.losses) / len(self.losses))
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        if run.env.main:
+            mfu = rate * flops_per_token(run.cfg) / self.peak_flops if self.peak_flops else None
+            _log({"step": run.step, "loss": loss, "lr": lr, "tokens_per_s": rate, "mfu": mfu,
+                  "tokens_seen": run.tokens_seen}, run.args.out, run.args.quiet)
+        self.start, self.tokens, self.losses = time.perf_counter(), 0, []
+
+
+def _announce(run: _Run, files: list[Path]) -> None:
+    if not run.env.main or run.args.quiet:
+        return
+    n_params = sum(p.numel() for p in run.model.parameters())
+    dtype = str(runtime.compute_dtype(run.env.device, run.args.precision)).removeprefix("torch.")
+    print(f"model {n_params / 1e6:.1f}M parameters {run.cfg} | {len(files)} files, {len(run.train_tokens):,} train / "
+          f"{len(run.val_tokens):,} val tokens | {run.env.world} process(es) on {run.env.device}, {dtype} | "
+          f"{run.tokens_per_step:,} tokens per step", flush=True)
+    if run.step:
+        print(f"resuming at step {run.step}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
 def run(args: argparse.Namespace) -> int:
-    """Train as ``args`` say; return the process exit code."""
+    """Train as ``args`` say; return 0 (finished or stopped by Ctrl-C, saved).
+
+    Raises ``PretrainError`` (and ``CheckpointError``, ``DataError``, ``OSError``) for a run that
+    cannot start, before the first step, and ``TrainingDiverged`` when the loss stops being finite.
+    """
+    validate_args(args)
     env = _Dist(args.device)
     try:
         return _run(args, env)
@@ -274,169 +575,60 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args, env: _Dist) -> int:
-    out_dir: Path = args.out
-    weights_path, state_path = checkpoint_paths(out_dir)
-    if args.resume and not weights_path.is_file():
-        raise SystemExit(f"--resume: {out_dir} holds no checkpoint ({weights_path.name}) to continue")
-    if not args.resume and weights_path.exists():
-        raise SystemExit(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-    if env.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stale_log = out_dir / "log.jsonl"
-        if not args.resume and stale_log.exists():  # left by a run that never saved: keep it aside
-            os.replace(stale_log, out_dir / f"log.{int(time.time())}.jsonl")
-
+    _prepare_out_dir(args, env)
     files = expand_data_paths(args.data)
-    if env.main:
-        tokens = load_token_cache(files, args.cache_dir, progress=not args.quiet)
-    env.barrier()
-    if not env.main:
-        tokens = load_token_cache(files, args.cache_dir, progress=False)
-    n_val = int(len(tokens) * args.val_fraction)
-    train_tokens, val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
-
-    saved_config = None
-    if args.resume:
-        saved_config = json.loads(_safetensors_config(weights_path))
-    cfg = _model_config(args, saved_config)
-    for name, part in (("training", train_tokens), ("validation", val_tokens)):
-        if len(part) <= cfg.context_length + 1 and (name == "training" or args.eval_every):
-            raise SystemExit(f"the {name} split has {len(part)} tokens, too few for one window of "
-                             f"context_length {cfg.context_length}; add data or lower --context-length/--val-fraction")
-
-    torch.manual_seed(args.seed)
-    model = init_gpt2_weights(GPTModel(cfg)).to(env.device)
-    optimizer = _optimizer(model, args, env.device)
-    start_step, tokens_seen = 0, 0
-    if args.resume:
-        state = load_checkpoint(out_dir, model, optimizer)
-        start_step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
-    forward_model = model
-    if env.enabled:
-        forward_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if args.compile:
-        forward_model = torch.compile(forward_model)
-
-    dtype = args.dtype or ("bfloat16" if env.device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
-    autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else contextlib.nullcontext())
-    min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
-    rows_per_step = args.batch_size * env.world * args.grad_accum
-    tokens_per_step = rows_per_step * cfg.context_length
-    peak = _peak_flops(args, env.device) if env.main else None
+    run = _build_model(args, env)
+    _load_splits(run, files)
+    _announce(run, files)
+    interrupted = _train(run)
+    _save(run)
     if env.main and not args.quiet:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"model {n_params / 1e6:.1f}M parameters {cfg} | {len(files)} files, {len(train_tokens):,} train / "
-              f"{len(val_tokens):,} val tokens | {env.world} process(es) on {env.device}, {dtype} | "
-              f"{tokens_per_step:,} tokens per step", flush=True)
-        if start_step:
-            print(f"resuming at step {start_step}", flush=True)
-
-    def save(step: int) -> None:
-        if env.main:
-            run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-            save_checkpoint(out_dir, model, optimizer, step=step, tokens_seen=tokens_seen, args=run_args)
-        env.barrier()
-
-    def evaluate(step: int) -> None:
-        model.eval()
-        # the same rows however many processes share the global batch
-        offsets = _rows_of_step(args.seed, 0, args.eval_batches * args.batch_size * env.world, len(val_tokens),
-                                cfg.context_length, stream=_VAL_STREAM)
-        mine = [o for i, o in enumerate(offsets) if (i // args.batch_size) % env.world == env.rank]
-        total = 0.0
-        with torch.no_grad(), autocast:
-            for start in range(0, len(mine), args.batch_size):
-                inputs, targets = token_batch(val_tokens, mine[start : start + args.batch_size], cfg.context_length)
-                total += calc_loss_batch(inputs, targets, model, env.device).item() * len(inputs)
-        loss = env.all_mean(total) * env.world / len(offsets)
-        model.train()
-        if env.main:
-            _log({"step": step, "val_loss": loss}, out_dir, args.quiet)
-
-    model.train()
-    step, interrupted = start_step, False
-    window_start, window_tokens, window_losses = time.perf_counter(), 0, []
-    with _StopRequest() as stop:
-        while step < args.max_steps:
-            lr = learning_rate_at(step, args.lr, args.warmup_steps, args.decay_steps, min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            offsets = _rows_of_step(args.seed, step, rows_per_step, len(train_tokens), cfg.context_length)
-            # dropout masks depend on the step alone, so a resumed run draws the same ones
-            torch.manual_seed(int(np.random.SeedSequence([args.seed, _DROPOUT_STREAM, step, env.rank])
-                                  .generate_state(1)[0]))
-            step_loss = 0.0
-            for micro in range(args.grad_accum):
-                inputs, targets = token_batch(train_tokens, _my_offsets(offsets, micro, env, args.batch_size),
-                                              cfg.context_length)
-                last = micro == args.grad_accum - 1
-                sync = contextlib.nullcontext() if last or not env.enabled else forward_model.no_sync()
-                with sync, autocast:
-                    loss = calc_loss_batch(inputs, targets, forward_model, env.device) / args.grad_accum
-                with sync:
-                    loss.backward()
-                step_loss += loss.item()
-            if not math.isfinite(step_loss):
-                optimizer.zero_grad(set_to_none=True)
-                if env.main:
-                    print(f"the loss became {step_loss} at step {step}; stopping without saving these weights "
-                          f"(the last checkpoint in {out_dir} is intact). Lower --lr or add --warmup-steps.",
-                          file=sys.stderr, flush=True)
-                return 1
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            window_tokens += tokens_per_step
-            window_losses.append(step_loss)
-
-            if step % args.log_every == 0 or step == args.max_steps:
-                loss_value = env.all_mean(sum(window_losses) / len(window_losses))  # mean since the last log
-                elapsed = time.perf_counter() - window_start
-                rate = window_tokens / max(elapsed, 1e-9)
-                if env.main:
-                    mfu = rate * flops_per_token(cfg) / peak if peak else None
-                    _log({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": rate, "mfu": mfu,
-                          "tokens_seen": tokens_seen}, out_dir, args.quiet)
-                window_start, window_tokens, window_losses = time.perf_counter(), 0, []
-            if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
-                evaluate(step)
-            if args.save_every and step % args.save_every == 0 and step != args.max_steps:
-                save(step)
-            if env.any(stop.requested):
-                interrupted = True
-                break
-    save(step)
-    if env.main and not args.quiet:
+        weights_path, state_path = checkpoint_paths(args.out)
         reason = "interrupted" if interrupted else "done"
-        print(f"{reason} at step {step}; weights in {weights_path}, resume state in {state_path.name}"
+        print(f"{reason} at step {run.step}; weights in {weights_path}, resume state in {state_path.name}"
               + (" (continue with --resume)" if interrupted else ""), flush=True)
     return 0
 
 
-def _safetensors_config(weights_path: Path) -> str:
-    from safetensors import safe_open
-
-    with safe_open(str(weights_path), framework="pt") as handle:
-        config = (handle.metadata() or {}).get("config")
-    if not config or config == "null":
-        raise SystemExit(f"{weights_path} has no model config in its metadata; it was not written by this command")
-    return config
+def _train(run: _Run) -> bool:
+    """Step until ``--max-steps``, logging, evaluating and saving on schedule; True if Ctrl-C stopped it."""
+    args = run.args
+    window = _Window(runtime.peak_flops(run.env.device, args.peak_flops)[0] if run.env.main else None)
+    run.model.train()
+    with _StopRequest() as stop:
+        while run.step < args.max_steps:
+            loss, lr = _train_step(run)
+            window.tokens += run.tokens_per_step
+            window.losses.append(loss)
+            last = run.step == args.max_steps
+            if run.step % args.log_every == 0 or last:
+                window.log(run, lr)
+            if args.eval_every and (run.step % args.eval_every == 0 or last):
+                val_loss = _evaluate(run)
+                if run.env.main:
+                    _log({"step": run.step, "val_loss": val_loss}, args.out, args.quiet)
+            if args.save_every and run.step % args.save_every == 0 and not last:
+                _save(run)
+            if run.env.any(stop.requested):
+                return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    args = build_parser().parse_args(argv)
-    for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batches"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise SystemExit(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    return run(args)
+    """Command-line entry point: run, and turn a failure into one line on stderr and an exit status.
+
+    0: finished or stopped by Ctrl-C (saved); 1: the loss diverged; 2: bad options, data or folders.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except TrainingDiverged as error:
+        print(f"{parser.prog}: {error}", file=sys.stderr, flush=True)
+        return 1
+    except (PretrainError, CheckpointError, DataError, ValueError, OSError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":
