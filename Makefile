@@ -23,9 +23,10 @@ $(STAMP):
 	@touch $@
 	@echo "environment ready: $(VENV) (kernel '$(KERNEL)')"
 
-# The main job: execute every notebook in series order and summarise what each reports.
+# The main job: execute every notebook in series order at full size, save each one's outputs in place
+# (what gets committed) and summarise what each reports.
 run: setup
-	$(BIN)/python scripts/run_series.py $(NOTEBOOKS)
+	$(BIN)/python scripts/run_series.py --write-back $(NOTEBOOKS)
 
 # pytest over tests/, then every notebook through nbval, in quick mode. Fails if either fails.
 test: setup

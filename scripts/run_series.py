@@ -1,10 +1,15 @@
 """Execute the series' notebooks in order, keep the executed copies, and summarise the results.
 
-Usage: python scripts/run_series.py notebooks/part02_tokenization.ipynb [...]
+Usage: python scripts/run_series.py [--write-back] notebooks/part02_tokenization.ipynb [...]
 
 Executed copies go to runs/<timestamp>/; each notebook's headline numbers (written by its last
 cell through helpers.record_results) are collected into the summary table printed at the end
 and saved as runs/<timestamp>/summary.md. A failing notebook stops the run and shows its cell.
+With --write-back every notebook that ran through is also saved over its source, so its committed
+outputs are those of this run (``make run`` does this).
+
+Outputs are cleaned as a reader should see them: consecutive stream outputs are merged and a
+progress bar's carriage-return updates collapse to their final state, one line per bar.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from datetime import datetime
@@ -41,7 +47,34 @@ def _table(rows: list[tuple[str, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def run(notebooks: list[Path], out_dir: Path, kernel: str) -> int:
+def _as_terminal_shows(text: str) -> str:
+    """What a terminal would show for ``text``: on each line, a carriage return starts the line over."""
+    lines = []
+    for line in text.split("\n"):
+        pieces = [piece for piece in line.split("\r") if piece.strip()]  # a bar clears itself with spaces
+        lines.append(pieces[-1] if pieces else "")
+    return "\n".join(lines)
+
+
+def clean_outputs(notebook) -> None:
+    """Merge consecutive stream outputs of each cell and collapse progress-bar updates to their last state."""
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        merged = []
+        for output in cell.get("outputs", []):
+            if (output.output_type == "stream" and merged and merged[-1].output_type == "stream"
+                    and merged[-1].name == output.name):
+                merged[-1].text += output.text
+            else:
+                merged.append(output)
+        for output in merged:
+            if output.output_type == "stream":
+                output.text = re.sub(r"\n{3,}", "\n\n", _as_terminal_shows(output.text))
+        cell.outputs = merged
+
+
+def run(notebooks: list[Path], out_dir: Path, kernel: str, write_back: bool = False) -> int:
     results_dir = out_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     os.environ["LLM_RESULTS_DIR"] = str(results_dir)  # the kernels inherit it
@@ -63,7 +96,10 @@ def run(notebooks: list[Path], out_dir: Path, kernel: str) -> int:
             failure = error
         elapsed = time.perf_counter() - start
         total_seconds += elapsed
+        clean_outputs(notebook)
         nbformat.write(notebook, out_dir / path.name)
+        if write_back and failure is None:
+            nbformat.write(notebook, path)
         result_file = results_dir / f"{path.stem}.json"
         numbers = _headline(json.loads(result_file.read_text())) if result_file.exists() else ""
         rows.append((path.stem, f"{elapsed:.0f} s", "FAIL" if failure else "pass", numbers))
@@ -83,13 +119,15 @@ def main() -> int:
     parser.add_argument("notebooks", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="folder for executed copies (default runs/<timestamp>)")
     parser.add_argument("--kernel", default=KERNEL, help=f"Jupyter kernel to use (default {KERNEL})")
+    parser.add_argument("--write-back", action="store_true",
+                        help="save each notebook that ran through over its source (refreshes the committed outputs)")
     args = parser.parse_args()
     missing = [str(path) for path in args.notebooks if not path.is_file()]
     if missing:
         parser.error(f"no such notebook: {', '.join(missing)}")
     out_dir = args.out or ROOT / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    return run([path.resolve() for path in args.notebooks], out_dir, args.kernel)
+    return run([path.resolve() for path in args.notebooks], out_dir, args.kernel, args.write_back)
 
 
 if __name__ == "__main__":

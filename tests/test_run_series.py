@@ -34,7 +34,8 @@ def series_run(tmp_path_factory):
         pytest.skip("the project's Jupyter kernel is not installed (run `make setup`, which installs it)")
     folder = tmp_path_factory.mktemp("series")
     record = "from helpers import record_results\nrecord_results('a_first', {'answer': 42, 'ratio': 0.123456})"
-    first = _notebook(folder / "a_first.ipynb", record, "print('first done')")
+    progress = "from tqdm import tqdm\nfor _ in tqdm(range(50), desc='bar', mininterval=0, miniters=1): pass"
+    first = _notebook(folder / "a_first.ipynb", record, "print('first done')", progress)
     failing = _notebook(folder / "b_failing.ipynb", "x = 1", "raise ValueError('broken on purpose')", "print('never')")
     never = _notebook(folder / "c_never.ipynb", "print('should not run')")
     out = folder / "out"
@@ -67,3 +68,14 @@ def test_executed_copies_keep_their_outputs(series_run):
     _, out = series_run
     executed = nbformat.read(out / "a_first.ipynb", as_version=4)
     assert executed.cells[1].outputs[0]["text"] == "first done\n"
+
+
+def test_a_progress_bar_is_committed_as_one_line(series_run):
+    _, out = series_run
+    executed = json.loads((out / "a_first.ipynb").read_text())
+    streams = [output for output in executed["cells"][2]["outputs"] if output["output_type"] == "stream"]
+    text = "".join("".join(output["text"]) for output in streams)
+    assert len(streams) == 1
+    assert "\r" not in text
+    assert [line for line in text.splitlines() if line.strip()] == [line for line in text.splitlines()
+                                                                    if "50/50" in line]
