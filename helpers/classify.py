@@ -311,16 +311,37 @@ def calc_accuracy_loader(data_loader: Iterable, model: nn.Module, device: torch.
     return _evaluate_batches(data_loader, model, num_batches, batch_correct)
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_batch: torch.Tensor,
-                target_batch: torch.Tensor, device, step: int, reading: dict) -> float:
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
+                device, step: int, history: dict, reading: dict) -> float:
     """Zero the gradients, compute the loss, backpropagate, step; return the loss."""
+    input_batch, target_batch = batch
     optimizer.zero_grad(set_to_none=True)
     loss = calc_loss_batch(input_batch, target_batch, model, device, **reading)
     if not torch.isfinite(loss):
-        raise TrainingDiverged(f"the loss became {loss.item()} at step {step}; lower the learning rate", step, {})
+        raise TrainingDiverged(f"the loss became {loss.item()} at step {step}; lower the learning rate",
+                               step, history)
     loss.backward()
     optimizer.step()
     return loss.item()
+
+
+def _record_losses(history: dict, model: nn.Module, loaders: tuple[Iterable, Iterable], device,
+                   eval_iter: int | None, reading: dict, step: int, examples_seen: int) -> str:
+    """Measure the train and validation losses, append them to ``history``; return a line for the log."""
+    train_loss, val_loss = (calc_loss_loader(loader, model, device, eval_iter, **reading) for loader in loaders)
+    for key, value in (("train_losses", train_loss), ("val_losses", val_loss), ("steps", step),
+                       ("examples_seen", examples_seen)):
+        history[key].append(value)
+    return f"step {step:4d}: train loss {train_loss:.3f}, val loss {val_loss:.3f}"
+
+
+def _record_accuracies(history: dict, model: nn.Module, loaders: tuple[Iterable, Iterable], device,
+                       eval_iter: int | None, reading: dict, epoch: int) -> str:
+    """Measure the train and validation accuracies, append them to ``history``; return a line for the log."""
+    train_acc, val_acc = (calc_accuracy_loader(loader, model, device, eval_iter, **reading) for loader in loaders)
+    history["train_accs"].append(train_acc)
+    history["val_accs"].append(val_acc)
+    return f"epoch {epoch + 1}: train accuracy {train_acc:.2%}, val accuracy {val_acc:.2%}"
 
 
 def train_classifier(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
@@ -329,9 +350,10 @@ def train_classifier(model: nn.Module, train_loader: Iterable, val_loader: Itera
                      verbose: bool = True, progress: bool = True) -> dict:
     """Finetune a classifier for ``num_epochs``; return the history.
 
+    For every batch: zero the gradients, compute the loss at the class position, backpropagate, step.
     Every ``eval_freq`` steps (and after the last) the train and validation losses are measured over
     ``eval_iter`` batches (None: all); after each epoch, the train and validation accuracies. The
-    history has ``train_losses``, ``val_losses``, ``examples_seen`` and ``steps`` (one per loss
+    history has ``train_losses``, ``val_losses``, ``steps`` and ``examples_seen`` (one per loss
     evaluation), and ``train_accs``, ``val_accs`` (one per epoch). ``verbose`` prints each
     evaluation; ``progress`` shows a tqdm bar. A NaN or infinite loss raises ``TrainingDiverged``.
     """
@@ -342,30 +364,23 @@ def train_classifier(model: nn.Module, train_loader: Iterable, val_loader: Itera
     if len(train_loader) == 0:
         raise ValueError("train_loader yields no batches: use a smaller batch_size or drop_last=False")
     reading = {"pad_token_id": pad_token_id, "position": position}
+    loaders = (train_loader, val_loader)
     history: dict[str, list] = {key: [] for key in
-                                ("train_losses", "val_losses", "examples_seen", "steps", "train_accs", "val_accs")}
+                                ("train_losses", "val_losses", "steps", "examples_seen", "train_accs", "val_accs")}
     total_steps, step, examples_seen = num_epochs * len(train_loader), 0, 0
     bar = tqdm(total=total_steps, desc="finetuning", unit="step", disable=not progress, mininterval=1.0)
-    report = bar.write if verbose else (lambda _: None)
+    report = bar.write if verbose else (lambda _: None)  # bar.write keeps the bar below the printed lines
     with bar:
         for epoch in range(num_epochs):
             model.train()
-            for input_batch, target_batch in train_loader:
-                loss = _train_step(model, optimizer, input_batch, target_batch, device, step, reading)
-                step, examples_seen = step + 1, examples_seen + len(target_batch)
+            for batch in train_loader:
+                loss = _train_step(model, optimizer, batch, device, step, history, reading)
+                step, examples_seen = step + 1, examples_seen + len(batch[1])
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 if step % eval_freq == 0 or step == total_steps:
-                    train_loss = calc_loss_loader(train_loader, model, device, eval_iter, **reading)
-                    val_loss = calc_loss_loader(val_loader, model, device, eval_iter, **reading)
-                    for key, value in zip(("train_losses", "val_losses", "examples_seen", "steps"),
-                                          (train_loss, val_loss, examples_seen, step)):
-                        history[key].append(value)
-                    report(f"epoch {epoch + 1} (step {step:4d}): train loss {train_loss:.3f}, val loss {val_loss:.3f}")
-            history["train_accs"].append(calc_accuracy_loader(train_loader, model, device, eval_iter, **reading))
-            history["val_accs"].append(calc_accuracy_loader(val_loader, model, device, eval_iter, **reading))
-            report(f"epoch {epoch + 1}: train accuracy {history['train_accs'][-1]:.2%}, "
-                   f"val accuracy {history['val_accs'][-1]:.2%}")
+                    report(_record_losses(history, model, loaders, device, eval_iter, reading, step, examples_seen))
+            report(_record_accuracies(history, model, loaders, device, eval_iter, reading, epoch))
     return history
 
 

@@ -26,6 +26,7 @@ from helpers.classify import (
     train_classifier,
 )
 from helpers.model import GPTConfig, GPTModel, count_parameters
+from helpers.train import TrainingDiverged
 
 PAD = 50256
 
@@ -320,3 +321,13 @@ def test_numeric_arguments_are_checked(gpt2_vocab_model):
         calc_accuracy_loader(loader, gpt2_vocab_model, "cpu", num_batches=0)
     with pytest.raises(ValueError, match="position must be one of last_real, last"):
         class_logits(gpt2_vocab_model, torch.tensor([[1, 2]]), position="first")
+
+
+def test_a_nan_loss_stops_training_naming_the_step(gpt2_vocab_model):
+    loader = [(torch.tensor([[1, 2, 3]]), torch.tensor([1]))] * 2
+    optimizer = torch.optim.SGD(gpt2_vocab_model.parameters(), lr=0.1)
+    with torch.no_grad():
+        gpt2_vocab_model.out_head.bias.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="the loss became nan at step 0") as caught:
+        train_classifier(gpt2_vocab_model, loader, loader, optimizer, "cpu", 1, 1, 1, progress=False)
+    assert caught.value.step == 0
