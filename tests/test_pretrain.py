@@ -406,3 +406,168 @@ def test_flops_per_token_of_gpt2_124m_matches_an_independent_count():
     assert n_matmul == 12 * (12 * 768 * 768) + 50257 * 768
     assert flops_per_token(cfg) == pytest.approx(expected, rel=1e-12)
     assert 8.4e8 < flops_per_token(cfg) < 8.6e8
+
+
+# ---------------------------------------------------------------------------------------------
+# micro-batches and dropout: what each step trains on
+
+
+def test_grad_accum_of_two_half_batches_gives_the_weights_of_one_full_batch(workspace, tmp_path):
+    # given the same 3-step run (no dropout) as 2 micro-batches of 2 rows, and as 1 batch of 4 rows
+    common = ["--max-steps", "3", "--eval-every", "0", "--dropout", "0", "--lr", "1e-3"]
+    assert _pretrain(workspace, tmp_path / "accum", 3, *common, "--batch-size", "2", "--grad-accum", "2") == 0
+    assert _pretrain(workspace, tmp_path / "whole", 3, *common, "--batch-size", "4", "--grad-accum", "1") == 0
+
+    # then the weights agree: the micro-batches together are the 4 rows of the big batch, each used once
+    assert _max_abs_diff(tmp_path / "accum" / "model.safetensors", tmp_path / "whole" / "model.safetensors") <= 1e-6
+
+
+def test_dropout_draws_new_masks_at_every_step(workspace, tmp_path, monkeypatch):
+    # given a 2-step run with dropout 0.5, and every nn.Dropout call recorded with the mask it drew
+    masks: dict[int, list[torch.Tensor]] = {}
+    original = nn.Dropout.forward
+
+    def recording_forward(self, x):
+        out = original(self, x)
+        if self.training:
+            masks.setdefault(id(self), []).append(((out == 0) & (x != 0)).clone())
+        return out
+
+    monkeypatch.setattr(nn.Dropout, "forward", recording_forward)
+
+    # when it runs (the data rows differ per step, the masks' shapes do not)
+    assert _pretrain(workspace, tmp_path / "run", 2, "--dropout", "0.5", "--eval-every", "0") == 0
+
+    # then each dropout call dropped about half its inputs, and a different half at step 2 than at step 1
+    assert masks and all(len(drawn) % 2 == 0 for drawn in masks.values())
+    for drawn in masks.values():
+        calls_per_step = len(drawn) // 2  # the shortcut dropout runs twice per block
+        for first, second in zip(drawn[:calls_per_step], drawn[calls_per_step:]):
+            assert 0.4 < first.float().mean().item() < 0.6
+            assert (first != second).float().mean().item() > 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: refused before any work, with the option named
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--grad-clip", "-1"), ("--grad-clip", "nan"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "nan"),
+    ("--min-lr", "-0.0001"), ("--weight-decay", "-0.1"), ("--dropout", "1"), ("--dropout", "-0.5"),
+    ("--val-fraction", "1"), ("--warmup-steps", "-1"), ("--decay-steps", "0"), ("--save-every", "-2"),
+    ("--eval-every", "-1"), ("--log-every", "0"), ("--eval-batches", "0"), ("--batch-size", "0"),
+    ("--grad-accum", "-1"), ("--max-steps", "0"), ("--emb-dim", "0"), ("--n-layers", "-2"),
+    ("--context-length", "0"), ("--peak-flops", "-1000000.0"), ("--peak-flops", "inf"), ("--seed", "-1"),
+])
+def test_an_out_of_range_option_is_refused_naming_it_before_any_work(workspace, tmp_path, capsys, flag, value):
+    # given a run with one option out of range
+    out, cache = tmp_path / "out", tmp_path / "cache"
+
+    # when it starts
+    code = _pretrain(workspace, out, 2, "--cache-dir", str(cache), flag, value)
+
+    # then it exits with 2, naming the option and its value on one line, and nothing was written
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{flag} must be" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists() and not cache.exists()
+
+
+def test_min_lr_above_lr_is_refused(workspace, tmp_path, capsys):
+    assert _pretrain(workspace, tmp_path / "out", 2, "--lr", "1e-4", "--min-lr", "1e-3") == 2
+    assert "--min-lr (0.001) must not exceed --lr (0.0001)" in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_a_folder_is_refused_before_tokenizing(workspace, tmp_path, capsys):
+    # given --out pointing at a file, and at a folder below a file (which no one can create)
+    (tmp_path / "a-file").write_text("not a folder")
+    cache = tmp_path / "cache"
+
+    # when / then both are refused with exit status 2, naming --out, before the data is tokenized
+    assert _pretrain(workspace, tmp_path / "a-file", 2, "--cache-dir", str(cache)) == 2
+    assert "--out" in capsys.readouterr().err and not cache.exists()
+    assert _pretrain(workspace, tmp_path / "a-file" / "run", 2, "--cache-dir", str(cache)) == 2
+    assert re.search("--out .*cannot be written", capsys.readouterr().err) and not cache.exists()
+
+
+def test_a_missing_data_path_is_refused_before_any_output(tmp_path, capsys):
+    code = main(["--data", str(tmp_path / "no-such.txt"), "--out", str(tmp_path / "out"), "--max-steps", "1",
+                 *TINY, *FAST])
+    assert code == 2 and "no-such.txt" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    (["--init", "pytorch"], "--init pytorch"),
+    (["--tie-weights"], "--tie-weights"),
+    (["--max-steps", "8"], "--max-steps 8 is not beyond the saved step 8"),
+    (["--max-steps", "3"], "--max-steps 3 is not beyond the saved step 8"),
+])
+def test_resume_with_options_it_would_ignore_is_refused_and_touches_nothing(full_run, workspace, tmp_path, capsys,
+                                                                           options, named):
+    # given a copy of a finished 8-step run
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    before = _snapshot(out)
+
+    # when / then resuming it with an option the saved run decides is refused before the first step
+    assert _pretrain(workspace, out, 10, "--resume", *options) == 2
+    assert named in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_the_command_prints_one_line_and_no_traceback(workspace, tmp_path):
+    # given the command run as a user runs it, with a negative --grad-clip
+    data = workspace / "data" / "verdict.txt"
+    result = subprocess.run([sys.executable, "-m", "helpers.pretrain", "--data", str(data),
+                             "--out", str(tmp_path / "out"), "--max-steps", "2", "--grad-clip", "-1"],
+                            cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+
+    # then it exits with 2 and says what is wrong in one line
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["python -m helpers.pretrain: error: --grad-clip must be a finite number >= 0 "
+                                          "(0: off), got -1.0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# initialisation, precision, and what a killed run leaves
+
+
+@pytest.mark.parametrize(("init", "embedding_std"), [(None, 0.02), ("pytorch", 1.0)])
+def test_init_chooses_gpt2_or_pytorch_initialisation(workspace, tmp_path, init, embedding_std):
+    # given a one-step run with a negligible learning rate, so the saved weights are the initial ones
+    options = ["--lr", "1e-12", "--weight-decay", "0", "--eval-every", "0"] + (["--init", init] if init else [])
+    assert _pretrain(workspace, tmp_path / "run", 1, *options) == 0
+
+    # then the token embedding has GPT-2's std 0.02 by default, and nn.Embedding's N(0, 1) with --init pytorch
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert weights["tok_emb.weight"].std().item() == pytest.approx(embedding_std, rel=0.05)
+
+
+def test_precision_chooses_the_compute_dtype_and_dtype_is_its_old_name():
+    from helpers.pretrain import build_parser
+
+    required = ["--data", "x", "--out", "y", "--max-steps", "1"]
+    assert build_parser().parse_args(required).precision == "auto"
+    assert build_parser().parse_args([*required, "--precision", "float16"]).precision == "float16"
+    assert build_parser().parse_args([*required, "--dtype", "bfloat16"]).precision == "bfloat16"
+
+
+def test_resume_after_a_kill_drops_unsaved_log_lines_and_leftovers(full_run, workspace, tmp_path):
+    # given a run saved at step 8 that was then killed: log lines past the save (one cut in half),
+    # a temporary file of the dead writer and a half-staged next save
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    with open(out / "log.jsonl", "a") as log:
+        log.write(json.dumps({"step": 9, "loss": 1.0}) + "\n" + '{"step": 10, "lo')
+    (out / ".model.safetensors.999999999.tmp").write_bytes(b"half")
+    (out / "model.new.state.pt").write_bytes(b"half")
+
+    # when it is resumed to step 10
+    assert _pretrain(workspace, out, 10, *SCHEDULE, "--resume") == 0
+
+    # then the log holds each step once, and only the run's files remain
+    steps = [r["step"] for r in _log(out) if "loss" in r]
+    assert steps == list(range(1, 11))
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "model.safetensors", "model.state.pt"]
+    assert load_checkpoint(out, GPTModel(TINY_CFG))["step"] == 10
