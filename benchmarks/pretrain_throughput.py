@@ -1,8 +1,9 @@
 """Pretraining throughput, MFU and peak memory of the 124M-shaped GPTModel at context 256.
 
-Usage: python benchmarks/pretrain_throughput.py [--batch 4] [--steps 4] [--context 256]
-MFU uses helpers.pretrain.flops_per_token and, as the denominator, this machine's measured float32
-matmul peak (helpers.pretrain.measure_cpu_peak_flops) on a CPU, or the known bf16 peak on a GPU.
+Usage: python benchmarks/pretrain_throughput.py [--batch 4] [--steps 4] [--context 256] [--precision auto]
+MFU uses helpers.pretrain.flops_per_token and, as the denominator, helpers.runtime.peak_flops: this
+machine's measured float32 matmul peak on a CPU, or the known bf16 peak on a GPU. The compute dtype
+is helpers.runtime's precision policy (auto: bf16 on GPUs that support it, else float32), as in pretraining.
 Peak memory is the process's maximum resident set size (CPU) or torch's peak allocation (GPU).
 """
 
@@ -15,9 +16,9 @@ import time
 import torch
 from _common import machine
 
+from helpers import runtime
 from helpers.model import GPT_CONFIGS, GPTConfig, GPTModel
-from helpers.pretrain import KNOWN_PEAK_FLOPS, flops_per_token, measure_cpu_peak_flops
-from helpers.runtime import device as best_device
+from helpers.pretrain import flops_per_token
 from helpers.train import calc_loss_batch
 
 
@@ -27,25 +28,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--precision", choices=runtime.PRECISIONS, default="auto")
     args = parser.parse_args()
-    device = best_device()
+    device = runtime.device()
     torch.manual_seed(0)
     cfg = GPTConfig(**{**GPT_CONFIGS["gpt2"].to_dict(), "context_length": args.context, "drop_rate": 0.0})
     model = GPTModel(cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     forward = torch.compile(model) if args.compile else model
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((p for key, p in KNOWN_PEAK_FLOPS.items() if key in name), None)
-        peak_label = f"{peak / 1e12:.0f} TFLOP/s bf16 (datasheet)" if peak else "unknown"
-    else:
-        peak = measure_cpu_peak_flops()
-        peak_label = f"{peak / 1e9:.0f} GFLOP/s fp32 (measured matmul)"
+    dtype = str(runtime.compute_dtype(device, args.precision)).removeprefix("torch.")
+    peak, source = runtime.peak_flops(device)
+    peak_label = f"{peak / 1e9:,.0f} GFLOP/s ({source})" if peak else "unknown"
 
     def step():
         inputs = torch.randint(0, cfg.vocab_size, (args.batch, args.context), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with runtime.autocast(device, args.precision):
             loss = calc_loss_batch(inputs, torch.roll(inputs, -1, 1), forward, device)
         loss.backward()
         optimizer.step()
@@ -69,7 +66,7 @@ def main() -> None:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"machine: {machine()}")
     print(f"GPT-2 124M shape (untied, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters), context "
-          f"{args.context}, batch {args.batch}, AdamW, {'bf16 autocast' if use_bf16 else 'float32'}"
+          f"{args.context}, batch {args.batch}, AdamW, {dtype}"
           f"{', compiled' if args.compile else ''}; peak {peak_label}\n")
     print("| device | tokens/s | MFU | peak memory (GiB) |")
     print("| --- | --- | --- | --- |")
