@@ -221,7 +221,7 @@ def _apply_merges(ids: list[int], ranks: dict[tuple[int, int], int],
     """Merge adjacent tokens of ``ids`` as BPE does: always the pair learned first, leftmost first.
 
     The tokens form a linked list (``after[i]`` and ``before[i]`` are the neighbours of position
-    ``i``) and the mergeable pairs wait in a heap keyed by (rank, position), so a chunk of n bytes
+    ``i``) and the mergeable pairs wait in a heap ordered by (rank, position), so a chunk of n bytes
     takes O(n log n) steps, not O(n^2). A merge keeps the left position and unlinks the right one;
     heap entries whose pair has changed since they were pushed are skipped when they come up.
     """
@@ -231,16 +231,17 @@ def _apply_merges(ids: list[int], ranks: dict[tuple[int, int], int],
     tokens = list(ids)  # tokens[i] is -1 once position i has been merged into its left neighbour
     after = [*range(1, n), -1]
     before = list(range(-1, n - 1))
-    heap = [(ranks[pair], i) for i, pair in enumerate(zip(ids, ids[1:])) if pair in ranks]
+    # a heap entry is the single int rank * n + position: it sorts by rank, then position, and is cheap
+    heap = [ranks[pair] * n + i for i, pair in enumerate(zip(ids, ids[1:])) if pair in ranks]
     heapq.heapify(heap)
 
     def push(left: int, right: int) -> None:
         rank = ranks.get((tokens[left], tokens[right]))
         if rank is not None:
-            heapq.heappush(heap, (rank, left))
+            heapq.heappush(heap, rank * n + left)
 
     while heap:
-        rank, left = heapq.heappop(heap)
+        rank, left = divmod(heapq.heappop(heap), n)
         right = after[left]
         if tokens[left] < 0 or right < 0 or ranks.get((tokens[left], tokens[right])) != rank:
             continue  # stale: one of the two tokens has been merged since this entry was pushed

@@ -358,10 +358,10 @@ def test_text_to_token_ids_and_back_round_trips(gpt2_tok, tiktoken_gpt2):
 
 
 def test_text_to_token_ids_lets_a_type_error_inside_encode_through():
-    # given a tokenizer that takes allowed_special but fails inside encode with a TypeError of its own
+    # given a tokenizer whose encode has a bug in its allowed_special handling (a TypeError of its own)
     class Faulty:
         def encode(self, text, allowed_special=frozenset()):
-            return [len(text)] + None  # a bug inside encode
+            return [len(text)] + sorted(allowed_special)[0]  # list + str: TypeError when anything is allowed
 
     # when / then the caller sees that error, not a silent retry without allowed_special
     with pytest.raises(TypeError, match="list"):
