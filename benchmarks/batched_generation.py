@@ -36,7 +36,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     cfg = GPTConfig(context_length=512, emb_dim=args.width, n_heads=max(1, args.width // 64), n_layers=args.layers,
@@ -52,34 +55,37 @@ def main() -> None:
 
     generate_responses(model, tokenizer, entries[:2], 2, progress=False)  # warm-up
     sizes = [1, *args.batch_sizes]
-    times, answers = {size: [] for size in sizes}, {}
+    walls, cpus, answers = {size: [] for size in sizes}, {size: [] for size in sizes}, {}
     for _ in range(args.rounds):  # interleaved: drift on a shared machine hits every candidate alike
         for size in sizes:
-            seconds, answers[size] = timed(answer(size))
-            times[size].append(seconds)
+            (wall, cpu), answers[size] = timed(answer(size))
+            walls[size].append(wall)
+            cpus[size].append(cpu)
     same = {size: answers[size] == answers[1] for size in args.batch_sizes}
-    times = {size: statistics.median(values) for size, values in times.items()}
+    times = {size: statistics.median(values) for size, values in walls.items()}
+    cpu_times = {size: statistics.median(values) for size, values in cpus.items()}
     print(f"machine: {machine()}")
     print(f"model: {count_parameters(model) / 1e6:.1f}M parameters (width {cfg.emb_dim}, {cfg.n_layers} layers, "
           f"tied head), {args.device}; {len(entries)} test entries in {len(lengths)} distinct prompt lengths "
           f"(largest group {max(lengths.values())}); {args.new_tokens} new tokens each, greedy")
     print(f"answers identical to one at a time: {same}\n")
-    print("| answering | seconds | entries/s | speed-up |")
-    print("| --- | --- | --- | --- |")
+    print("| answering | wall s | entries/s | speed-up | CPU s | speed-up in CPU time |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for size, seconds in times.items():
         name = "one at a time" if size == 1 else f"equal-length batches of <= {size}"
-        print(f"| {name} | {seconds:.2f} | {len(entries) / seconds:.2f} | {times[1] / seconds:.2f}x |")
+        print(f"| {name} | {seconds:.2f} | {len(entries) / seconds:.2f} | {times[1] / seconds:.2f}x | "
+              f"{cpu_times[size]:.2f} | {cpu_times[1] / cpu_times[size]:.2f}x |")
 
 
-def timed(run: Callable[[], list[dict]]) -> tuple[float, list[dict]]:
-    """Seconds one call of ``run`` takes, and what it returned."""
+def timed(run: Callable[[], list[dict]]) -> tuple[tuple[float, float], list[dict]]:
+    """Wall-clock and CPU seconds of one call of ``run`` (CPU time moves less on a busy machine), and its result."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = run()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter() - start, result
+    return (time.perf_counter() - start, time.process_time() - start_cpu), result
 
 if __name__ == "__main__":
     main()
