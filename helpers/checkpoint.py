@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -111,16 +112,33 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     """
     target = Path(target)
     removed = []
-    for candidate in target.parent.glob(f".{target.name}.*.tmp"):
-        pid = candidate.name[len(target.name) + 2 : -len(".tmp")]
-        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+    for candidate in target.parent.glob(f".{target.name}.*.tmp*"):
+        pid = candidate.name[len(target.name) + 2 :].split(".")[0]
+        if not candidate.name.endswith((".tmp", ".tmp.d")) or (pid.isdigit() and _process_alive(int(pid))):
             continue
-        candidate.unlink(missing_ok=True)
+        if candidate.is_dir():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
         removed.append(candidate)
     return removed
 
 
+def _save_weights(model: nn.Module, tmp: Path, metadata: dict) -> None:
+    """Write the weights to ``tmp`` through a private folder: safetensors stages its own ``.tmpXXXXXX`` file
+    beside its target, which a killed process would otherwise leave in the checkpoint's folder."""
+    private = tmp.with_name(f"{tmp.name}.d")
+    private.mkdir()
+    try:
+        save_model(unwrap_model(model), str(private / "weights.safetensors"), metadata=metadata)
+        os.replace(private / "weights.safetensors", tmp)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
 def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():  # our own leftovers: no write of ours is in progress while we clean
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -154,7 +172,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     metadata = {"format": "pt", "save_id": save_id, "config": json.dumps(config)}
     new_weights, new_state = _staging_paths(weights_path)
     write_atomically(new_state, lambda tmp: torch.save(bundle, tmp))
-    write_atomically(new_weights, lambda tmp: save_model(unwrap_model(model), str(tmp), metadata=metadata))
+    write_atomically(new_weights, lambda tmp: _save_weights(model, tmp, metadata))
     os.replace(new_state, state_path)  # from here until the next line, the pair is (new weights, this state)
     os.replace(new_weights, weights_path)
     return weights_path
