@@ -9,67 +9,20 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TextIO
 
 import torch
 from torch import nn
 
-from helpers.generate import sample_next_token
+from helpers.generate import stream_generate
 from helpers.instruct import RESPONSE_HEADER, format_input
-from helpers.model import GPTModel
 from helpers.runtime import eval_mode
 
 __all__ = ["PROMPT_MARKER", "TokenTextStream", "answer", "chat", "main", "stream_generate"]
 
 PROMPT_MARKER = ">>> "
 _EOS_ID = 50256
-
-
-def _check_options(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-
-
-@torch.no_grad()
-def stream_generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                    top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-                    context_size: int | None = None, generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` token ids continuing ``idx`` ``(1, n_tokens)``, one at a time.
-
-    The tokens are those ``helpers.generate.generate`` produces with the same arguments: a ``GPTModel``
-    runs the prompt once and then only each new token through its KV cache (rebuilt from the last
-    ``context_size`` tokens when the context outgrows them). ``eos_id`` ends the stream and is not yielded.
-    """
-    _check_options(max_new_tokens, temperature, top_k, top_p)
-    if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
-        raise ValueError(f"idx must be (1, n_tokens) with at least one token, got shape {tuple(idx.shape)}")
-    model_context = getattr(getattr(model, "cfg", None), "context_length", None)
-    context_size = context_size or model_context
-    if context_size is None:
-        raise ValueError("pass context_size: the model has no cfg.context_length to take it from")
-    use_cache = isinstance(model, GPTModel)
-    cache = None
-    for _ in range(max_new_tokens):
-        if not use_cache:
-            logits = model(idx[:, -context_size:])[:, -1, :]
-        elif cache is None or cache.length >= context_size:  # (re)fill the cache from the window
-            cache = model.new_kv_cache()
-            logits = model(idx[:, -context_size:], cache)[:, -1, :]
-        else:
-            logits = model(idx[:, -1:], cache)[:, -1, :]
-        next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
-        token = int(next_token.item())
-        if eos_id is not None and token == eos_id:
-            return
-        yield token
-        idx = torch.cat([idx, next_token], dim=1)
 
 
 class TokenTextStream:
@@ -162,12 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"helpers.chat: {error}", file=sys.stderr)
         return 2
-    from helpers.runtime import device as best_device
+    from helpers import runtime
     from helpers.tokenizers import gpt2_tokenizer
     from helpers.weights import load_gpt2
 
     try:
-        model = load_gpt2(args.model, device=args.device or best_device())
+        model = load_gpt2(args.model, device=args.device or runtime.device())
         tokenizer = gpt2_tokenizer()
     except (OSError, ValueError, RuntimeError) as error:
         print(f"helpers.chat: cannot load the model {args.model!r}: {error}", file=sys.stderr)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from helpers.model import GPTModel
+from helpers.model import GPTModel, KVCache
 from helpers.tokenizers import encode_with_endoftext
 
-__all__ = ["filter_logits", "generate", "sample_next_token", "text_to_token_ids", "token_ids_to_text"]
+__all__ = ["filter_logits", "generate", "next_token_logits", "sample_next_token", "stream_generate",
+           "text_to_token_ids", "token_ids_to_text"]
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
@@ -123,15 +125,9 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
     use_cache = use_cache and isinstance(model, GPTModel)
 
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    cache, logits = None, None
+    cache = None
     for step in range(max_new_tokens):
-        if not use_cache:
-            logits = model(idx[:, -context_size:])[:, -1, :]
-        elif cache is None or cache.length >= context_size:  # (re)fill the cache from the window
-            cache = model.new_kv_cache()
-            logits = model(idx[:, -context_size:], cache)[:, -1, :]
-        else:
-            logits = model(idx[:, -1:], cache)[:, -1, :]
+        logits, cache = next_token_logits(model, idx, cache, context_size, use_cache)
         _check_logits(logits, f"generate, step {step + 1} of {max_new_tokens}")
         next_token = _pick(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
@@ -141,6 +137,47 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
         if eos_id is not None and bool(finished.all()):
             break
     return idx
+
+
+@torch.no_grad()
+def stream_generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                    context_size: int | None = None, generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield up to ``max_new_tokens`` token ids continuing ``idx`` ``(1, n_tokens)``, one at a time.
+
+    The same tokens ``generate`` produces with the same arguments, for a caller that shows each one as
+    it comes (a chat). ``eos_id`` ends the stream and is not yielded.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be (1, n_tokens) with at least one token, got shape {tuple(idx.shape)}")
+    if not _is_integer(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    context_size = _context_size(model, context_size)
+    cache = None
+    for _ in range(max_new_tokens):
+        logits, cache = next_token_logits(model, idx, cache, context_size, isinstance(model, GPTModel))
+        next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None and int(next_token) == eos_id:
+            return
+        yield int(next_token)
+        idx = torch.cat([idx, next_token], dim=1)
+
+
+def next_token_logits(model: nn.Module, idx: torch.Tensor, cache: KVCache | None, context_size: int,
+                      use_cache: bool = True) -> tuple[torch.Tensor, KVCache | None]:
+    """The logits ``(batch, vocab_size)`` for the token after ``idx``, and the cache to pass next time.
+
+    Without ``use_cache`` the model sees the last ``context_size`` tokens. With it (``GPTModel`` only),
+    an empty or full cache is (re)filled from that window, since absolute positions shift with the
+    window; otherwise only the newest token goes through the model, reusing the cached keys and values.
+    """
+    if not use_cache:
+        return model(idx[:, -context_size:])[:, -1, :], None
+    if cache is None or cache.length >= context_size:  # (re)fill the cache from the window
+        cache = model.new_kv_cache()
+        return model(idx[:, -context_size:], cache)[:, -1, :], cache
+    return model(idx[:, -1:], cache)[:, -1, :], cache
 
 
 def _context_size(model: nn.Module, context_size: int | None) -> int:
