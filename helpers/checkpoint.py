@@ -31,7 +31,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from helpers.model import GPTConfig
-from helpers.runtime import unwrap_model, write_atomically
+from helpers.runtime import remove_stale_temporaries, unwrap_model, write_atomically
 
 __all__ = ["CheckpointError", "checkpoint_paths", "load_checkpoint", "read_config", "recover_interrupted_save",
            "remove_stale_temporaries", "save_checkpoint"]
@@ -104,26 +104,6 @@ def _staging_paths(weights_path: Path) -> tuple[Path, Path]:
     return checkpoint_paths(weights_path.with_name(f"{weights_path.stem}.new.safetensors"))
 
 
-def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that a killed ``write_atomically(target, ...)`` left beside ``target``.
-
-    Only files named for a process that no longer runs are removed (a live writer keeps its own);
-    returns the removed paths.
-    """
-    target = Path(target)
-    removed = []
-    for candidate in target.parent.glob(f".{target.name}.*.tmp*"):
-        pid = candidate.name[len(target.name) + 2 :].split(".")[0]
-        if not candidate.name.endswith((".tmp", ".tmp.d")) or (pid.isdigit() and _process_alive(int(pid))):
-            continue
-        if candidate.is_dir():
-            shutil.rmtree(candidate, ignore_errors=True)
-        else:
-            candidate.unlink(missing_ok=True)
-        removed.append(candidate)
-    return removed
-
-
 def _save_weights(model: nn.Module, tmp: Path, metadata: dict) -> None:
     """Write the weights to ``tmp`` through a private folder: safetensors stages its own ``.tmpXXXXXX`` file
     beside its target, which a killed process would otherwise leave in the checkpoint's folder."""
@@ -134,18 +114,6 @@ def _save_weights(model: nn.Module, tmp: Path, metadata: dict) -> None:
         os.replace(private / "weights.safetensors", tmp)
     finally:
         shutil.rmtree(private, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():  # our own leftovers: no write of ours is in progress while we clean
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from helpers.checkpoint import remove_stale_temporaries
-from helpers.runtime import write_atomically
+from helpers.runtime import remove_stale_temporaries, write_atomically
 
 __all__ = ["default_cache_dir", "expand_data_paths", "load_token_cache", "token_batch"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,6 +65,38 @@ def write_atomically(target: str | os.PathLike, write: Callable[[Path], object])
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that a killed ``write_atomically(target, ...)`` left beside ``target``.
+
+    Only files named for a process that no longer runs are removed (a live writer keeps its own);
+    returns the removed paths.
+    """
+    target = Path(target)
+    removed = []
+    for candidate in target.parent.glob(f".{target.name}.*.tmp*"):
+        pid = candidate.name[len(target.name) + 2 :].split(".")[0]
+        if not candidate.name.endswith((".tmp", ".tmp.d")) or (pid.isdigit() and _process_alive(int(pid))):
+            continue
+        if candidate.is_dir():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():  # our own leftovers: no write of ours is in progress while we clean
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _results_dir() -> Path:
