@@ -16,6 +16,7 @@ import re
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -242,7 +243,7 @@ def generate_responses(model: nn.Module, tokenizer, entries: Sequence[dict], max
     ``max_new_tokens``, and the answer is the decoded new tokens, stripped. Entries whose prompts have
     the same number of tokens are answered together, up to ``batch_size`` at a time: no padding is
     needed, so the answers are the ones generated one at a time. With ``out_path`` the result is
-    written there as JSON (atomically).
+    written there as JSON (atomically; missing parent folders are created).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
@@ -261,6 +262,7 @@ def generate_responses(model: nn.Module, tokenizer, entries: Sequence[dict], max
     results = [{**entry, "model_response": answer} for entry, answer in zip(entries, answers)]
     if out_path is not None:
         document = json.dumps(results, indent=2, ensure_ascii=False)
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         write_atomically(out_path, lambda tmp: tmp.write_text(document, encoding="utf-8"))
     return results
 

@@ -200,6 +200,16 @@ def test_generate_responses_equal_answers_generated_one_at_a_time(splits, answer
     assert single == answered
 
 
+def test_generate_responses_creates_the_folder_of_out_path(answer_model, tiktoken_gpt2, tmp_path):
+    # given an out_path inside folders that do not exist yet
+    out_path = tmp_path / "runs" / "part09" / "answers.json"
+    # when the entries are answered
+    answered = generate_responses(answer_model, tiktoken_gpt2, [WITH_INPUT], max_new_tokens=2, out_path=out_path,
+                                  progress=False)
+    # then the folders are made and the file holds the answers
+    assert json.loads(out_path.read_text(encoding="utf-8")) == answered
+
+
 def test_generate_responses_refuses_a_bad_batch_size(answer_model, tiktoken_gpt2):
     with pytest.raises(ValueError, match="batch_size"):
         generate_responses(answer_model, tiktoken_gpt2, [WITH_INPUT], batch_size=0)
