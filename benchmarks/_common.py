@@ -39,3 +39,13 @@ def interleaved(candidates: dict[str, Callable[[], object]], rounds: int, warmup
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def print_report(description: str, columns: list[str], rows: list[list[str]]) -> None:
+    """Print the machine, one line describing the run, and the results as a markdown table."""
+    print(f"machine: {machine()}")
+    print(description + "\n")
+    print("| " + " | ".join(columns) + " |")
+    print("| " + " | ".join("---" for _ in columns) + " |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")

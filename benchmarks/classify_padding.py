@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from _common import machine
+from _common import print_report
 
 from helpers.classify import (
     SpamDataset,
@@ -96,14 +96,12 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     tokens = {name: padded_tokens(loader, args.max_batches) for name, loader in loaders.items()}
     book = list(medians)[1]
-    print(f"machine: {machine()}")
-    print(f"model: {args.layers} layers, {args.heads} heads, width {args.width}, trainable blocks "
-          f"{args.trainable_blocks} ({count_trainable_parameters(base):,} trainable parameters); batch {args.batch}, "
-          f"{len(dataset):,} messages, {args.rounds} rounds\n")
-    print("| padding | token positions per epoch | seconds per epoch | speed-up |")
-    print("| --- | --- | --- | --- |")
-    for name, seconds in medians.items():
-        print(f"| {name} | {tokens[name]:,} | {seconds:.1f} | {medians[book] / seconds:.2f}x |")
+    print_report(f"model: {args.layers} layers, {args.heads} heads, width {args.width}, trainable blocks "
+                 f"{args.trainable_blocks} ({count_trainable_parameters(base):,} trainable parameters); "
+                 f"batch {args.batch}, {len(dataset):,} messages, {args.rounds} rounds",
+                 ["padding", "token positions per epoch", "seconds per epoch", "speed-up"],
+                 [[name, f"{tokens[name]:,}", f"{seconds:.1f}", f"{medians[book] / seconds:.2f}x"]
+                  for name, seconds in medians.items()])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from _common import interleaved, machine
+from _common import interleaved, print_report
 
 from helpers.model import GPTConfig, GPTModel
 from helpers.train import calc_loss_batch
@@ -63,13 +63,10 @@ def main() -> None:
     times = interleaved(candidates, rounds=args.rounds)
     tokens = args.batch * args.context
     base = times["transformers GPT2LMHeadModel, logits + F.cross_entropy"]
-    print(f"machine: {machine()}")
-    print(f"shape: {args.layers} layers, {args.heads} heads, width {args.width}, context {args.context}, "
-          f"batch {args.batch} ({tokens:,} tokens per step), AdamW, float32\n")
-    print("| training step | tokens/s | vs transformers |")
-    print("| --- | --- | --- |")
-    for name, seconds in times.items():
-        print(f"| {name} | {tokens / seconds:,.0f} | {base / seconds:.2f}x |")
+    print_report(f"shape: {args.layers} layers, {args.heads} heads, width {args.width}, context {args.context}, "
+                 f"batch {args.batch} ({tokens:,} tokens per step), AdamW, float32",
+                 ["training step", "tokens/s", "vs transformers"],
+                 [[name, f"{tokens / seconds:,.0f}", f"{base / seconds:.2f}x"] for name, seconds in times.items()])
 
 
 if __name__ == "__main__":
