@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from helpers.data import fetch
 from helpers.model import GPTModel
-from helpers.runtime import eval_mode, unwrap_model
+from helpers.runtime import check_count, eval_mode, unwrap_model
 from helpers.train import TrainingDiverged
 
 __all__ = [
@@ -40,14 +40,6 @@ CLASS_NAMES = ("not spam", "spam")
 POSITIONS = ("last_real", "last")
 """Where ``class_logits`` reads a row: its last real token (ours) or its last position (the book's)."""
 GPT2_PAD_ID = 50256  # <|endoftext|>: GPT-2 has no padding token, so the series pads with this one
-
-
-def _check_count(name: str, value, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        none = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an integer >= {minimum}{none}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,8 +98,8 @@ class SpamDataset(Dataset):
         missing = {"Text", "Label"} - set(df.columns)
         if missing:
             raise ValueError(f"the DataFrame needs the columns Text and Label; missing {sorted(missing)}")
-        _check_count("max_length", max_length, minimum=1, allow_none=True)
-        _check_count("context_length", context_length, minimum=1)
+        check_count("max_length", max_length, minimum=1, allow_none=True)
+        check_count("context_length", context_length, minimum=1)
         self.pad_token_id = pad_token_id
         self.max_length = max_length
         self.labels = [LABELS.get(label, label) for label in df["Label"]]
@@ -139,7 +131,7 @@ def collate_classification(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], p
     tokens when given (the book pads every batch to the longest message of the dataset).
     """
     longest = max(len(ids) for ids, _ in batch)
-    _check_count("pad_to", pad_to, minimum=1, allow_none=True)
+    check_count("pad_to", pad_to, minimum=1, allow_none=True)
     if pad_to is not None and pad_to < longest:
         raise ValueError(f"pad_to={pad_to} is shorter than a message of this batch ({longest} tokens)")
     width = longest if pad_to is None else pad_to
@@ -178,8 +170,8 @@ def prepare_for_classification(model: nn.Module, num_classes: int = 2, trainable
     core = unwrap_model(model)
     if not isinstance(core, GPTModel):
         raise TypeError(f"prepare_for_classification expects a GPTModel, got {type(core).__name__}")
-    _check_count("num_classes", num_classes, minimum=2)
-    _check_count("trainable_blocks", trainable_blocks, minimum=0, allow_none=True)
+    check_count("num_classes", num_classes, minimum=2)
+    check_count("trainable_blocks", trainable_blocks, minimum=0, allow_none=True)
     n_layers = len(core.blocks)
     if trainable_blocks is not None and trainable_blocks > n_layers:
         raise ValueError(f"trainable_blocks={trainable_blocks} but the model has only {n_layers} blocks; "
@@ -276,7 +268,7 @@ def _evaluate_batches(data_loader: Iterable, model: nn.Module, num_batches: int 
                       measure: Callable[[torch.Tensor, torch.Tensor], tuple[float, int]]) -> float:
     """Sum ``measure(inputs, labels) -> (value, count)`` over the first ``num_batches`` batches in eval mode;
     return sum(value) / sum(count), or NaN (with a warning) for an empty loader."""
-    _check_count("num_batches", num_batches, minimum=1, allow_none=True)
+    check_count("num_batches", num_batches, minimum=1, allow_none=True)
     limit = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     if limit == 0:
         warnings.warn("the loader yields no batches (too little data, or drop_last with a large batch_size?); "
@@ -359,8 +351,8 @@ def train_classifier(model: nn.Module, train_loader: Iterable, val_loader: Itera
     """
     _require_classifier(model)
     for name, value in (("num_epochs", num_epochs), ("eval_freq", eval_freq)):
-        _check_count(name, value, minimum=1)
-    _check_count("eval_iter", eval_iter, minimum=1, allow_none=True)
+        check_count(name, value, minimum=1)
+    check_count("eval_iter", eval_iter, minimum=1, allow_none=True)
     if len(train_loader) == 0:
         raise ValueError("train_loader yields no batches: use a smaller batch_size or drop_last=False")
     reading = {"pad_token_id": pad_token_id, "position": position}
@@ -396,7 +388,7 @@ def classify_text(text: str, model: nn.Module, tokenizer, device: torch.device |
     core = _require_classifier(model)
     if len(class_names) != core.num_classes:
         raise ValueError(f"class_names has {len(class_names)} names but the model has {core.num_classes} classes")
-    _check_count("max_length", max_length, minimum=1, allow_none=True)
+    check_count("max_length", max_length, minimum=1, allow_none=True)
     ids = tokenizer.encode(text)[:max_length]
     context = core.cfg.context_length
     if not ids:

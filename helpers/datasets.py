@@ -8,14 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from helpers.runtime import check_count
+
 __all__ = ["GPTDataset", "create_dataloader"]
-
-
-def _check_count(name: str, value, smallest: int) -> None:
-    """Refuse ``value`` unless it is an integer >= ``smallest``, naming the argument."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < smallest:
-        need = "positive (an integer >= 1)" if smallest == 1 else f"an integer >= {smallest}"
-        raise ValueError(f"{name} must be {need}, got {value!r}")
 
 
 class GPTDataset(Dataset):
@@ -26,8 +21,8 @@ class GPTDataset(Dataset):
     """
 
     def __init__(self, token_ids: Sequence[int] | torch.Tensor, max_length: int, stride: int):
-        _check_count("max_length", max_length, 1)
-        _check_count("stride", stride, 1)
+        check_count("max_length", max_length, 1)
+        check_count("stride", stride, 1)
         self.token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
         self.max_length = max_length
         self.stride = stride
@@ -61,7 +56,7 @@ def create_dataloader(text: str, batch_size: int = 4, max_length: int = 256, str
     """
     for name, value, smallest in [("batch_size", batch_size, 1), ("max_length", max_length, 1),
                                   ("stride", stride, 1), ("num_workers", num_workers, 0)]:
-        _check_count(name, value, smallest)
+        check_count(name, value, smallest)
     if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
         raise ValueError(f"seed must be an integer or None, got {seed!r}")
     from helpers.tokenizers import encode_with_endoftext, gpt2_tokenizer

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from helpers.model import GPTModel, KVCache
+from helpers.runtime import check_count
 from helpers.tokenizers import encode_with_endoftext
 
 __all__ = ["filter_logits", "generate", "next_token_logits", "sample_next_token", "stream_generate",
@@ -117,8 +118,7 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
     _check_sampling(temperature, top_k, top_p)
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be (batch, n_tokens) with at least one token, got shape {tuple(idx.shape)}")
-    if not _is_integer(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_count("max_new_tokens", max_new_tokens, minimum=0)
     if eos_id is not None and (not _is_integer(eos_id) or eos_id < 0):
         raise ValueError(f"eos_id must be a token id (an integer >= 0) or None, got {eos_id!r}")
     context_size = _context_size(model, context_size)
@@ -151,8 +151,7 @@ def stream_generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, te
     _check_sampling(temperature, top_k, top_p)
     if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
         raise ValueError(f"idx must be (1, n_tokens) with at least one token, got shape {tuple(idx.shape)}")
-    if not _is_integer(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_count("max_new_tokens", max_new_tokens, minimum=0)
     context_size = _context_size(model, context_size)
     cache = None
     for _ in range(max_new_tokens):

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from helpers.runtime import check_count
+
 __all__ = ["LoRALinear", "apply_lora", "merge_lora"]
 
 
@@ -23,8 +25,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(linear).__name__}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        check_count("rank", rank)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
             raise ValueError(f"alpha must be a positive number (the update is scaled by alpha / rank), got {alpha!r}")
         self.linear = linear

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 import shutil
 import time
@@ -40,6 +41,17 @@ def device() -> torch.device:
 def quick_mode() -> bool:
     """True when ``LLM_QUICK`` is set to a true value (``make test`` sets ``LLM_QUICK=1``)."""
     return os.environ.get("LLM_QUICK", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def check_count(name: str, value: object, minimum: int = 1, *, allow_none: bool = False) -> None:
+    """Refuse ``value`` unless it is an integer >= ``minimum`` (or None, when allowed), naming the argument."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum:
+        return
+    none = " or None" if allow_none else ""
+    hint = " (it must be positive)" if minimum == 1 else ""
+    raise ValueError(f"{name} must be an integer >= {minimum}{none}, got {value!r}{hint}")
 
 
 def project_root() -> Path | None:

@@ -17,7 +17,7 @@ from helpers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from helpers.generate import generate, text_to_token_ids, token_ids_to_text
 from helpers.losses import chunked_cross_entropy
 from helpers.model import GPTModel
-from helpers.runtime import PRECISIONS, autocast, eval_mode, unwrap_model
+from helpers.runtime import PRECISIONS, autocast, check_count, eval_mode, unwrap_model
 
 __all__ = [
     "CheckpointError",
@@ -126,8 +126,8 @@ class TrainingOptions:
     compile: bool = False
 
     def __post_init__(self):
-        _check_count("warmup_steps", self.warmup_steps, minimum=0)
-        _check_count("grad_accum_steps", self.grad_accum_steps, minimum=1)
+        check_count("warmup_steps", self.warmup_steps, minimum=0)
+        check_count("grad_accum_steps", self.grad_accum_steps, minimum=1)
         if not (math.isfinite(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0):
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
@@ -135,11 +135,6 @@ class TrainingOptions:
                              "a negative norm would turn the update into gradient ascent")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-
-
-def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass
@@ -238,9 +233,9 @@ def train_model(model: nn.Module, train_loader: Iterable, val_loader: Iterable, 
     A NaN or infinite loss raises ``TrainingDiverged`` naming the step.
     """
     options = _resolve_options(options, option_values)
-    _check_count("num_epochs", num_epochs, minimum=0)
-    _check_count("eval_freq", eval_freq, minimum=1)
-    _check_count("eval_iter", eval_iter, minimum=1)
+    check_count("num_epochs", num_epochs, minimum=0)
+    check_count("eval_freq", eval_freq, minimum=1)
+    check_count("eval_iter", eval_iter, minimum=1)
     batches_per_epoch = len(train_loader)
     if batches_per_epoch == 0:
         raise ValueError("train_loader yields no batches: use more text, a smaller batch_size or drop_last=False")
