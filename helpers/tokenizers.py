@@ -26,6 +26,7 @@ __all__ = [
     "UnknownWordError",
     "build_vocab",
     "bytes_to_unicode",
+    "encode_user_text",
     "encode_with_endoftext",
     "gpt2_tokenizer",
     "split_words",
@@ -151,6 +152,21 @@ def encode_with_endoftext(tokenizer, text: str) -> list[int]:
         known = getattr(tokenizer, "special_tokens", None)  # BPETokenizer
     allowed = {ENDOFTEXT} if known is None or ENDOFTEXT in known else set()
     return tokenizer.encode(text, allowed_special=allowed)
+
+
+def encode_user_text(tokenizer, text: str) -> list[int]:
+    """Encode text a user or a dataset supplied, special-token strings included, as ordinary text.
+
+    The one rule for text from outside (a chat line, an SMS, an instruction, an answer): a literal
+    ``<|endoftext|>`` in it is just characters, never the end-of-text id, so it can neither end a
+    sequence early nor raise tiktoken's "disallowed special token" error. Where the project itself
+    marks an end of text it appends the id explicitly. ``text`` must be a ``str``.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r:.60}")
+    if _has_parameter(tokenizer.encode, "disallowed_special"):
+        return tokenizer.encode(text, disallowed_special=())
+    return tokenizer.encode(text)
 
 
 def _has_parameter(function, name: str) -> bool:

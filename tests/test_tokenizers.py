@@ -702,3 +702,21 @@ def test_a_failed_save_leaves_the_previous_file_intact_and_no_temporary_file(sma
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["bpe.json"]
     assert BPETokenizer.load(path).merges == small_bpe.merges
+
+
+def test_encode_user_text_treats_special_token_strings_as_ordinary_text():
+    from helpers.tokenizers import encode_user_text, gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    text = "hi <|endoftext|> there"
+    ids = encode_user_text(tokenizer, text)
+    assert tokenizer.eot_token not in ids
+    assert tokenizer.decode(ids) == text
+    assert ids == tokenizer.encode(text, disallowed_special=())
+
+
+def test_encode_user_text_refuses_non_strings():
+    from helpers.tokenizers import encode_user_text, gpt2_tokenizer
+
+    with pytest.raises(TypeError, match="text must be a str"):
+        encode_user_text(gpt2_tokenizer(), float("nan"))
