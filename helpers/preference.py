@@ -34,6 +34,7 @@ from helpers.data import fetch
 from helpers.instruct import RESPONSE_HEADER, InstructionDataError, format_input, split_records
 from helpers.model import GPTModel
 from helpers.runtime import autocast, compute_dtype, eval_mode, unwrap_model
+from helpers.tokenizers import encode_user_text
 from helpers.train import TrainingDiverged
 
 __all__ = [
@@ -65,6 +66,13 @@ class PreferenceDataError(InstructionDataError):
 # data: records, splits, token ids, batches
 
 
+def _describe(value: object) -> str:
+    """How an error names a field's value: its type, or NaN (pandas' mark of a missing value)."""
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN (a missing value, as pandas writes one)"
+    return f"a {type(value).__name__}"
+
+
 def _check_record(index: int, record: object) -> dict:
     """Return ``record`` if it has a non-empty instruction, chosen and rejected answer; else raise naming ``index``."""
     if not isinstance(record, dict):
@@ -72,16 +80,17 @@ def _check_record(index: int, record: object) -> dict:
                                   "'instruction', 'input', 'chosen' and 'rejected'")
     for field in ("instruction", *_ANSWERS):
         if field not in record:
-            raise PreferenceDataError(f"record {index} has no '{field}' key (keys: {sorted(record)}); every preference "
-                                      "record needs 'instruction', 'chosen' and 'rejected' (and optionally 'input')")
+            raise PreferenceDataError(f"record {index} has no '{field}' key (keys: {sorted(map(str, record))}); every "
+                                      "preference record needs 'instruction', 'chosen' and 'rejected' (and optionally "
+                                      "'input')")
         if not isinstance(record[field], str):
-            raise PreferenceDataError(f"record {index} field '{field}' is a {type(record[field]).__name__}, "
+            raise PreferenceDataError(f"record {index} field '{field}' is {_describe(record[field])}, "
                                       "expected a string")
         if not record[field].strip():
             raise PreferenceDataError(f"record {index} has an empty '{field}' ({record[field]!r}): there is nothing "
                                       "to score; fill it in or drop the record")
     if not isinstance(record.get("input", ""), str):
-        raise PreferenceDataError(f"record {index} field 'input' is a {type(record['input']).__name__}, "
+        raise PreferenceDataError(f"record {index} field 'input' is {_describe(record['input'])}, "
                                   "expected a string (empty when the instruction needs no input)")
     return record
 
@@ -116,6 +125,8 @@ class PreferenceDataset(Dataset):
     ``prompt_length`` (how many ids come before the answer: prompt and response header). The pieces are
     encoded one by one and joined, so the answer starts exactly at ``prompt_length``; the end token is
     part of the answer, as in instruction finetuning, so the preference also covers where an answer stops.
+    Record text is encoded with ``encode_user_text``: a literal ``<|endoftext|>`` in it is ordinary text,
+    and the only end-of-text id is the one appended here.
     """
 
     def __init__(self, data: Sequence[dict], tokenizer, end_token_id: int | None = 50256):
@@ -124,12 +135,12 @@ class PreferenceDataset(Dataset):
 
     @staticmethod
     def _encode(record: dict, tokenizer, end_token_id: int | None) -> dict:
-        prompt = tokenizer.encode(format_input(record))
-        prefix = prompt + tokenizer.encode(RESPONSE_HEADER)
+        prompt = encode_user_text(tokenizer, format_input(record))
+        prefix = prompt + encode_user_text(tokenizer, RESPONSE_HEADER)
         end = [] if end_token_id is None else [end_token_id]
         item = {"prompt": prompt, "prompt_length": len(prefix)}
         for answer in _ANSWERS:
-            item[answer] = prefix + tokenizer.encode(record[answer]) + end
+            item[answer] = prefix + encode_user_text(tokenizer, record[answer]) + end
         return item
 
     def __len__(self) -> int:

@@ -82,6 +82,9 @@ def test_dataset_ids_equal_tiktoken_on_the_whole_text(gpt2_tok, tiktoken_gpt2):
     (_record(chosen=""), "record 1 has an empty 'chosen'"),
     (_record(instruction=""), "record 1 has an empty 'instruction'"),
     (_record(input=3), "record 1 field 'input' is a int"),
+    (_record(input=float("nan")), "record 1 field 'input' is NaN"),
+    (_record(chosen=float("nan")), "record 1 field 'chosen' is NaN"),
+    ({1: "a key that is no string", "instruction": "Do it.", "chosen": "Done."}, "record 1 has no 'rejected' key"),
     ("not a record", "record 1 is a str"),
 ])
 def test_bad_records_raise_errors_naming_the_record(gpt2_tok, record, message):
@@ -92,6 +95,22 @@ def test_bad_records_raise_errors_naming_the_record(gpt2_tok, record, message):
         check_preference_records(records)
     with pytest.raises(ValueError, match=message):
         PreferenceDataset(records, gpt2_tok)
+
+
+def test_text_with_the_end_of_text_string_is_encoded_as_ordinary_text(gpt2_tok, tiktoken_gpt2):
+    # given a record whose instruction and answers contain the literal string <|endoftext|>
+    record = _record(instruction="Explain what <|endoftext|> means.", chosen="It marks the end<|endoftext|> of a text.",
+                     rejected="<|endoftext|>")
+    # when it is tokenized
+    item = PreferenceDataset([record], gpt2_tok)[0]
+    # then the literal is ordinary text, and the only end-of-text id is the one the dataset appends
+    prefix = format_input(record) + RESPONSE_HEADER
+    assert item["prompt"] == tiktoken_gpt2.encode(format_input(record), disallowed_special=())
+    assert item["prompt_length"] == len(tiktoken_gpt2.encode(prefix, disallowed_special=()))
+    for answer in ("chosen", "rejected"):
+        assert item[answer] == tiktoken_gpt2.encode(prefix + record[answer], disallowed_special=()) + [END]
+        assert item[answer].count(END) == 1
+        assert gpt2_tok.decode(item[answer][item["prompt_length"]:-1]) == record[answer]
 
 
 # ---------------------------------------------------------------------------------------------
