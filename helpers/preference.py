@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import random
 from collections.abc import Iterable, Sequence
 from itertools import islice
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from helpers.data import fetch
 from helpers.instruct import RESPONSE_HEADER, InstructionDataError, format_input, split_records
 from helpers.model import GPTModel
-from helpers.runtime import autocast, compute_dtype, eval_mode, unwrap_model
+from helpers.runtime import autocast, check_count, compute_dtype, eval_mode, unwrap_model
 from helpers.tokenizers import encode_user_text
 from helpers.train import TrainingDiverged
 
@@ -107,6 +108,8 @@ def load_preference_splits(seed: int | None = None) -> tuple[list[dict], list[di
     shuffles a copy with ``random.Random(seed)`` first (the same permutation, as both files hold 1,100
     records in the same order).
     """
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be an integer or None (keep the file's order), got {seed!r}")
     path = fetch("instruction-preference")
     records = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(records, list):
@@ -130,6 +133,7 @@ class PreferenceDataset(Dataset):
     """
 
     def __init__(self, data: Sequence[dict], tokenizer, end_token_id: int | None = 50256):
+        check_count("end_token_id", end_token_id, minimum=0, allow_none=True)
         records = check_preference_records(data)
         self.items = [self._encode(record, tokenizer, end_token_id) for record in records]
 
@@ -182,11 +186,10 @@ def collate_preferences(batch: Sequence[dict], pad_token_id: int = 50256, allowe
     ``mask_prompt=False`` (then every real token but the first). ``prompt`` holds the prompts padded
     to the longest, ``prompt_lengths`` their lengths.
     """
+    check_count("pad_token_id", pad_token_id, minimum=0)
+    check_count("allowed_max_length", allowed_max_length, minimum=2, allow_none=True)  # a token and the one it predicts
     if len(batch) == 0:
         raise ValueError("collate_preferences got an empty batch")
-    if allowed_max_length is not None and allowed_max_length < 2:
-        raise ValueError(f"allowed_max_length must be at least 2 (a token and the one it predicts), "
-                         f"got {allowed_max_length}")
     length = max(len(item[answer]) for item in batch for answer in _ANSWERS)
     if allowed_max_length is not None:
         length = min(length, allowed_max_length)
@@ -276,12 +279,11 @@ def model_sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Ten
     ``(batch, n_tokens, vocab_size)`` tensor exists, in forward or backward. Other models go through
     their logits.
     """
+    check_count("chunk_rows", chunk_rows, minimum=1, allow_none=True)
     core = unwrap_model(model)
     if not isinstance(core, GPTModel):
         return sequence_logprobs(model(ids), ids, mask, average)
     mask = _check_scored(ids, mask)
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive number of rows, got {chunk_rows}")
     hidden = model(ids, return_hidden=True)  # (batch, n_tokens, emb_dim)
     rows, positions = mask[:, 1:].nonzero(as_tuple=True)  # hidden[:, t] predicts ids[:, t + 1]
     states = hidden[rows, positions]  # (n_scored, emb_dim)
@@ -296,9 +298,14 @@ def model_sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Ten
 # the DPO loss
 
 
+def _check_positive(name: str, value: object, hint: str) -> None:
+    """Refuse ``value`` unless it is a positive finite real number (Python's or NumPy's), naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number {hint}, got {value!r}")
+
+
 def _check_beta(beta: float) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a positive finite number (0.1 is usual), got {beta!r}")
+    _check_positive("beta", beta, "(0.1 is usual)")
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -344,6 +351,7 @@ def _pair_logprobs(policy: nn.Module, reference: nn.Module, batch: dict,
 def dpo_batch_loss(policy: nn.Module, reference: nn.Module, batch: dict, beta: float,
                    device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dpo_loss`` of one ``collate_preferences`` batch: gradients reach the policy, never the reference."""
+    _check_beta(beta)
     return dpo_loss(*_pair_logprobs(policy, reference, batch, device), beta)
 
 
@@ -367,6 +375,7 @@ def evaluate_dpo(policy: nn.Module, reference: nn.Module, loader: Iterable, beta
     tie (as for every pair when the policy equals the reference) counts as not preferred.
     """
     _check_beta(beta)
+    check_count("num_batches", num_batches, minimum=1, allow_none=True)
     totals = {"loss": 0.0, "reward_margin": 0.0, "accuracy": 0.0}
     pairs = 0
     with eval_mode(policy):
@@ -381,7 +390,7 @@ def evaluate_dpo(policy: nn.Module, reference: nn.Module, loader: Iterable, beta
             totals["accuracy"] += preferred.sum().item()
             pairs += n
     if pairs == 0:
-        raise ValueError("the loader yielded no preference pairs (is it empty, or num_batches 0?)")
+        raise ValueError("the loader yielded no preference pairs (is it empty?)")
     return {key: value / pairs for key, value in totals.items()}
 
 
@@ -394,12 +403,13 @@ def preference_accuracy(policy: nn.Module, reference: nn.Module, loader: Iterabl
 
 
 def _check_training(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optimizer, beta: float,
-                    counts: dict[str, int]) -> None:
+                    counts: dict[str, int], grad_clip: float | None) -> None:
     """Raise if the reference shares parameters with the policy or the optimizer, or an argument is out of range."""
     _check_beta(beta)
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_count(name, value, minimum=1)
+    if grad_clip is not None:
+        _check_positive("grad_clip", grad_clip, "or None (no clipping; 1.0 is usual)")
     reference_params = {id(p) for p in reference.parameters()}
     if any(id(p) in reference_params for p in policy.parameters()):
         raise ValueError("the reference shares parameters with the policy; pass a separate frozen copy: "
@@ -450,7 +460,7 @@ def train_dpo(policy: nn.Module, reference: nn.Module, train_loader: Iterable, v
     ``verbose`` writes each evaluation under the tqdm bar. A NaN loss raises ``TrainingDiverged``.
     """
     _check_training(policy, reference, optimizer, beta,
-                    {"num_epochs": num_epochs, "eval_freq": eval_freq, "eval_iter": eval_iter})
+                    {"num_epochs": num_epochs, "eval_freq": eval_freq, "eval_iter": eval_iter}, grad_clip)
     if compute_dtype(device, precision) == torch.float16:
         raise ValueError("float16 training needs loss scaling, which train_dpo does not do; use bfloat16 or float32")
     history: dict[str, list] = {f"{split}_{name}": [] for split in ("train", "val")

@@ -6,6 +6,7 @@ import copy
 import math
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,18 @@ def test_bad_records_raise_errors_naming_the_record(gpt2_tok, record, message):
         PreferenceDataset(records, gpt2_tok)
 
 
+@pytest.mark.parametrize("end_token_id", [-1, 1.5, "50256", True])
+def test_dataset_refuses_an_end_token_id_that_is_no_token_id(gpt2_tok, end_token_id):
+    with pytest.raises(ValueError, match="end_token_id must be an integer >= 0 or None"):
+        PreferenceDataset([_record()], gpt2_tok, end_token_id=end_token_id)
+
+
+@pytest.mark.parametrize("seed", [1.5, "123", True])
+def test_splits_refuse_a_seed_that_is_not_an_integer(seed):
+    with pytest.raises(ValueError, match="seed must be an integer or None"):
+        load_preference_splits(seed=seed)
+
+
 def test_text_with_the_end_of_text_string_is_encoded_as_ordinary_text(gpt2_tok, tiktoken_gpt2):
     # given a record whose instruction and answers contain the literal string <|endoftext|>
     record = _record(instruction="Explain what <|endoftext|> means.", chosen="It marks the end<|endoftext|> of a text.",
@@ -161,10 +174,20 @@ def test_allowed_max_length_cuts_the_batch_and_refuses_to_leave_no_answer():
     assert batch["chosen_mask"].tolist()[0] == [False, False, False, False, True]
     with pytest.raises(ValueError, match="batch item 0: its chosen answer starts at token 4 .* allowed_max_length"):
         collate_preferences(_ITEMS, pad_token_id=0, allowed_max_length=4)
-    with pytest.raises(ValueError, match="allowed_max_length must be at least 2"):
-        collate_preferences(_ITEMS, allowed_max_length=1)
     with pytest.raises(ValueError, match="empty batch"):
         collate_preferences([])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"allowed_max_length": 1}, "allowed_max_length must be an integer >= 2 or None, got 1"),
+    ({"allowed_max_length": 4.5}, "allowed_max_length must be an integer >= 2 or None, got 4.5"),
+    ({"allowed_max_length": "5"}, "allowed_max_length must be an integer >= 2 or None, got '5'"),
+    ({"pad_token_id": -1}, "pad_token_id must be an integer >= 0, got -1"),
+    ({"pad_token_id": None}, "pad_token_id must be an integer >= 0, got None"),
+])
+def test_collate_refuses_arguments_out_of_range_naming_them(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        collate_preferences(_ITEMS, **arguments)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +250,13 @@ def test_logprobs_reject_a_mask_on_the_first_token_or_an_empty_row():
         sequence_logprobs(logits, labels, empty[:, :3])
 
 
+@pytest.mark.parametrize("chunk_rows", [0, -2, 2.5, "3"])
+def test_model_logprobs_refuse_a_chunk_rows_that_is_not_a_positive_integer(chunk_rows):
+    batch = collate_preferences(_ITEMS, pad_token_id=0)
+    with pytest.raises(ValueError, match="chunk_rows must be an integer >= 1 or None"):
+        model_sequence_logprobs(_tiny_gpt(), batch["chosen"], batch["chosen_mask"], chunk_rows=chunk_rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # the DPO loss
 
@@ -257,6 +287,37 @@ def test_dpo_loss_rejects_a_beta_that_is_not_positive_and_finite(beta):
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="beta must be a positive finite number"):
         dpo_loss(x, x, x, x, beta=beta)
+
+
+def test_dpo_loss_accepts_a_numpy_beta():
+    x = torch.zeros(2)
+    loss, _, _ = dpo_loss(x, x, x, x, beta=np.float32(0.5))
+    assert loss.item() == pytest.approx(math.log(2))
+
+
+class _Unusable(torch.nn.Module):
+    """A model that must never run: the arguments are checked before any forward pass."""
+
+    def forward(self, ids):
+        raise AssertionError("the model ran although an argument was invalid")
+
+
+@pytest.mark.parametrize("beta", [0, -1.0, float("nan")])
+def test_batch_loss_and_evaluation_refuse_a_bad_beta_before_running_a_model(beta):
+    batch = collate_preferences(_ITEMS, pad_token_id=0)
+    with pytest.raises(ValueError, match="beta must be a positive finite number"):
+        dpo_batch_loss(_Unusable(), _Unusable(), batch, beta=beta, device="cpu")
+    with pytest.raises(ValueError, match="beta must be a positive finite number"):
+        evaluate_dpo(_Unusable(), _Unusable(), [batch], beta=beta, device="cpu")
+
+
+@pytest.mark.parametrize("num_batches", [-1, 0, 1.5, "2", True])
+def test_evaluate_dpo_refuses_a_num_batches_that_is_not_a_positive_integer(num_batches):
+    batch = collate_preferences(_ITEMS, pad_token_id=0)
+    with pytest.raises(ValueError, match="num_batches must be an integer >= 1 or None"):
+        evaluate_dpo(_Unusable(), _Unusable(), [batch], beta=0.1, device="cpu", num_batches=num_batches)
+    with pytest.raises(ValueError, match="num_batches must be an integer >= 1 or None"):
+        preference_accuracy(_Unusable(), _Unusable(), [batch], beta=0.1, device="cpu", num_batches=num_batches)
 
 
 def test_dpo_loss_rejects_mismatched_shapes():
@@ -348,8 +409,21 @@ def test_train_dpo_refuses_a_reference_shared_with_the_policy_or_the_optimizer()
     both = [*policy.parameters(), *reference.parameters()]
     with pytest.raises(ValueError, match="optimizer holds reference parameters"):
         run(policy, reference, optimizer=torch.optim.SGD(both, lr=0.1))
-    for name, value in [("num_epochs", 0), ("eval_freq", 0), ("eval_iter", -1)]:
-        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+    for name, value in [("num_epochs", 0), ("eval_freq", 0), ("eval_iter", -1), ("num_epochs", 1.5),
+                        ("eval_freq", "2"), ("eval_iter", None)]:
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got {value!r}"):
             run(policy, reference, optimizer=torch.optim.SGD(policy.parameters(), lr=0.1), **{name: value})
-    with pytest.raises(ValueError, match="beta must be"):
-        run(policy, reference, optimizer=torch.optim.SGD(policy.parameters(), lr=0.1), beta=0.0)
+    for beta in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="beta must be"):
+            run(policy, reference, optimizer=torch.optim.SGD(policy.parameters(), lr=0.1), beta=beta)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, -1.0, float("nan"), float("inf"), "1"])
+def test_train_dpo_refuses_a_grad_clip_that_is_not_a_positive_number(grad_clip):
+    # a negative grad_clip would silently flip every gradient (clip_grad_norm_ scales by grad_clip / norm)
+    policy = _tiny_gpt(vocab_size=16)
+    loader = DataLoader(_toy_pairs(4, torch.Generator().manual_seed(2)), batch_size=4,
+                        collate_fn=partial(collate_preferences, pad_token_id=0))
+    with pytest.raises(ValueError, match="grad_clip must be a positive finite number or None"):
+        train_dpo(policy, frozen_reference(policy), loader, loader, torch.optim.SGD(policy.parameters(), lr=0.1),
+                  "cpu", num_epochs=1, beta=0.1, eval_freq=1, eval_iter=1, grad_clip=grad_clip, progress=False)
