@@ -404,12 +404,19 @@ def preference_accuracy(policy: nn.Module, reference: nn.Module, loader: Iterabl
 
 def _check_training(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optimizer, beta: float,
                     counts: dict[str, int], grad_clip: float | None) -> None:
-    """Raise if the reference shares parameters with the policy or the optimizer, or an argument is out of range."""
+    """Refuse a policy with nothing to train, a reference shared with it or the optimizer, an argument out of range."""
     _check_beta(beta)
     for name, value in counts.items():
         check_count(name, value, minimum=1)
     if grad_clip is not None:
         _check_positive("grad_clip", grad_clip, "or None (no clipping; 1.0 is usual)")
+    if not any(p.requires_grad for p in policy.parameters()):
+        raise ValueError("no parameter of the policy requires grad, so DPO has nothing to train: was the frozen "
+                         "reference passed as the policy, or the policy frozen? Unfreeze what should train "
+                         "(policy.requires_grad_(True), or the LoRA parameters)")
+    if not torch.is_grad_enabled():
+        raise RuntimeError("train_dpo was called while gradients are switched off (torch.no_grad() or "
+                           "torch.inference_mode()); call it outside that block")
     reference_params = {id(p) for p in reference.parameters()}
     if any(id(p) in reference_params for p in policy.parameters()):
         raise ValueError("the reference shares parameters with the policy; pass a separate frozen copy: "

@@ -427,3 +427,29 @@ def test_train_dpo_refuses_a_grad_clip_that_is_not_a_positive_number(grad_clip):
     with pytest.raises(ValueError, match="grad_clip must be a positive finite number or None"):
         train_dpo(policy, frozen_reference(policy), loader, loader, torch.optim.SGD(policy.parameters(), lr=0.1),
                   "cpu", num_epochs=1, beta=0.1, eval_freq=1, eval_iter=1, grad_clip=grad_clip, progress=False)
+
+
+def _one_batch_loader() -> DataLoader:
+    return DataLoader(_toy_pairs(4, torch.Generator().manual_seed(3)), batch_size=4,
+                      collate_fn=partial(collate_preferences, pad_token_id=0))
+
+
+def test_train_dpo_refuses_a_policy_with_nothing_to_train():
+    # given a policy whose parameters are all frozen (say, the reference passed in its place)
+    policy = _tiny_gpt(vocab_size=16)
+    reference = frozen_reference(policy)
+    policy.requires_grad_(False)
+    loader = _one_batch_loader()
+    # then train_dpo says so before the first step, instead of autograd's "does not require grad"
+    with pytest.raises(ValueError, match="no parameter of the policy requires grad"):
+        train_dpo(policy, reference, loader, loader, torch.optim.SGD(policy.parameters(), lr=0.1), "cpu",
+                  num_epochs=1, beta=0.1, eval_freq=1, eval_iter=1, progress=False)
+
+
+def test_train_dpo_refuses_to_run_with_gradients_switched_off():
+    policy = _tiny_gpt(vocab_size=16)
+    reference = frozen_reference(policy)
+    loader = _one_batch_loader()
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"gradients are switched off \(torch.no_grad"):
+        train_dpo(policy, reference, loader, loader, torch.optim.SGD(policy.parameters(), lr=0.1), "cpu",
+                  num_epochs=1, beta=0.1, eval_freq=1, eval_iter=1, progress=False)
