@@ -12,6 +12,11 @@ Masks refer to input tokens: ``chosen_mask[b, t]`` is True when token ``chosen[b
 log-probability is read from the logits at position ``t - 1`` (next-token prediction), so column 0 is
 always False: nothing predicts the first token. ``sequence_logprobs`` and ``model_sequence_logprobs``
 do that shift themselves; pass them the same ids as labels that went into the model.
+
+Our unit is the sum over exactly the answer's tokens, and a reward includes beta. The book's DPO
+notebook (Raschka, "Build a Large Language Model (From Scratch)") averages per token over a span that
+also holds ``### Response:\n`` and reports rewards without beta; ``evaluate_dpo(..., average=True,
+header_tokens=4, rewards_with_beta=False)`` measures in its units (4: those header tokens in GPT-2's BPE).
 """
 
 from __future__ import annotations
@@ -211,8 +216,9 @@ def collate_preferences(batch: Sequence[dict], pad_token_id: int = 50256, allowe
 # log-probabilities of answers
 
 
-def _check_scored(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Return ``mask`` as bool after checking it matches ``ids`` and scores at least one predictable token per row."""
+def _check_scored(ids: torch.Tensor, mask: torch.Tensor, header_tokens: int = 0) -> torch.Tensor:
+    """``mask`` as bool and widened by ``header_tokens``, once checked to fit ``ids`` and score a token in each row."""
+    check_count("header_tokens", header_tokens, minimum=0)
     if ids.dim() != 2 or mask.shape != ids.shape:
         raise ValueError(f"labels must be (batch, n_tokens) and mask the same shape; got labels "
                          f"{tuple(ids.shape)} and mask {tuple(mask.shape)}")
@@ -225,7 +231,17 @@ def _check_scored(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if empty.any():
         raise ValueError(f"mask rows {empty.nonzero().flatten().tolist()} score no token; each sequence needs at least "
                          "one True position")
-    return mask
+    return _with_header(mask, header_tokens)
+
+
+def _with_header(mask: torch.Tensor, header_tokens: int) -> torch.Tensor:
+    """``mask`` also True on the ``header_tokens`` positions before each row's first True one (never on column 0)."""
+    if header_tokens == 0:
+        return mask
+    positions = torch.arange(mask.shape[1], device=mask.device)  # (n_tokens,)
+    first = mask.long().argmax(dim=1, keepdim=True)  # (batch, 1): each row's first scored position
+    start = (first - header_tokens).clamp(min=1)
+    return mask | ((positions >= start) & (positions < first))  # (batch, n_tokens)
 
 
 def _reduce(totals: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
@@ -234,14 +250,17 @@ def _reduce(totals: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Te
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                      average: bool = False) -> torch.Tensor:
+                      average: bool = False, *, header_tokens: int = 0) -> torch.Tensor:
     """Summed (``average=True``: mean) log-probability of the masked tokens of each sequence, shape ``(batch,)``.
 
     ``logits`` ``(batch, n_tokens, vocab_size)`` are the model's output for ``labels`` ``(batch, n_tokens)``;
     ``mask[b, t]`` selects token ``labels[b, t]``, scored by the logits at ``t - 1``. Each token's
     log-probability is its logit minus the log-sum-exp of its row: no log-softmax copy of the logits.
+    ``header_tokens`` also scores that many tokens just before each row's first masked token (with
+    answer-only masks: the end of the response header; the book scores the 4 of ``### Response:\n``),
+    never token 0; ``average`` then divides by the widened count.
     """
-    mask = _check_scored(labels, mask)
+    mask = _check_scored(labels, mask, header_tokens)
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)} in (batch, n_tokens)")
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -271,8 +290,8 @@ def _head_logprobs(head: nn.Module, states: torch.Tensor, targets: torch.Tensor,
 
 
 def model_sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, average: bool = False,
-                            chunk_rows: int | None = None) -> torch.Tensor:
-    """``sequence_logprobs(model(ids), ids, mask, average)``, without the full logits for a ``GPTModel``.
+                            chunk_rows: int | None = None, *, header_tokens: int = 0) -> torch.Tensor:
+    """``sequence_logprobs(model(ids), ids, mask, average, header_tokens=...)``, without a GPTModel's full logits.
 
     For a GPTModel (also wrapped) the output head is applied only to the hidden states that predict a
     masked token, ``chunk_rows`` rows at a time (default: about 2^25 logits per chunk), so no
@@ -282,8 +301,8 @@ def model_sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Ten
     check_count("chunk_rows", chunk_rows, minimum=1, allow_none=True)
     core = unwrap_model(model)
     if not isinstance(core, GPTModel):
-        return sequence_logprobs(model(ids), ids, mask, average)
-    mask = _check_scored(ids, mask)
+        return sequence_logprobs(model(ids), ids, mask, average, header_tokens=header_tokens)
+    mask = _check_scored(ids, mask, header_tokens)
     hidden = model(ids, return_hidden=True)  # (batch, n_tokens, emb_dim)
     rows, positions = mask[:, 1:].nonzero(as_tuple=True)  # hidden[:, t] predicts ids[:, t + 1]
     states = hidden[rows, positions]  # (n_scored, emb_dim)
@@ -328,23 +347,24 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses.mean(), chosen_rewards.mean(), rejected_rewards.mean()
 
 
-def _answer_logprobs(model: nn.Module, batch: dict, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def _answer_logprobs(model: nn.Module, batch: dict, device: torch.device | str, average: bool = False,
+                     header_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(chosen, rejected)`` sequence log-probabilities of one batch, both answers in one forward pass."""
     if batch["chosen"].shape != batch["rejected"].shape:
         raise ValueError(f"chosen {tuple(batch['chosen'].shape)} and rejected {tuple(batch['rejected'].shape)} must "
                          "be padded to one shape; build batches with collate_preferences")
     ids = torch.cat([batch["chosen"], batch["rejected"]]).to(device)  # (2 * batch, n_tokens)
     mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]]).to(device)
-    logprobs = model_sequence_logprobs(model, ids, mask)
+    logprobs = model_sequence_logprobs(model, ids, mask, average, header_tokens=header_tokens)
     return logprobs[:len(batch["chosen"])], logprobs[len(batch["chosen"]):]
 
 
-def _pair_logprobs(policy: nn.Module, reference: nn.Module, batch: dict,
-                   device: torch.device | str) -> tuple[torch.Tensor, ...]:
+def _pair_logprobs(policy: nn.Module, reference: nn.Module, batch: dict, device: torch.device | str,
+                   average: bool = False, header_tokens: int = 0) -> tuple[torch.Tensor, ...]:
     """``(policy_chosen, policy_rejected, ref_chosen, ref_rejected)``; the reference runs in eval mode, no grad."""
-    policy_chosen, policy_rejected = _answer_logprobs(policy, batch, device)
+    policy_chosen, policy_rejected = _answer_logprobs(policy, batch, device, average, header_tokens)
     with torch.no_grad(), eval_mode(reference):
-        ref_chosen, ref_rejected = _answer_logprobs(reference, batch, device)
+        ref_chosen, ref_rejected = _answer_logprobs(reference, batch, device, average, header_tokens)
     return policy_chosen, policy_rejected, ref_chosen, ref_rejected
 
 
@@ -368,25 +388,34 @@ def frozen_reference(policy: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def evaluate_dpo(policy: nn.Module, reference: nn.Module, loader: Iterable, beta: float,
-                 device: torch.device | str, num_batches: int | None = None) -> dict[str, float]:
+                 device: torch.device | str, num_batches: int | None = None, *, average: bool = False,
+                 header_tokens: int = 0, rewards_with_beta: bool = True) -> dict[str, float]:
     """Mean DPO ``loss``, ``reward_margin`` (chosen minus rejected reward) and ``accuracy`` over pairs, in eval mode.
 
     ``accuracy`` is the share of pairs whose chosen answer gets the strictly higher implicit reward; a
     tie (as for every pair when the policy equals the reference) counts as not preferred.
+
+    By default an answer's log-probability is the sum over its masked tokens and a reward is beta times
+    a log-ratio. The book's units: ``average=True`` (mean per scored token), ``header_tokens=4`` (also
+    score ``### Response:\n``, see ``sequence_logprobs``) and ``rewards_with_beta=False`` (the margin
+    without beta). The loss keeps its beta either way, as the book's does.
     """
     _check_beta(beta)
     check_count("num_batches", num_batches, minimum=1, allow_none=True)
+    check_count("header_tokens", header_tokens, minimum=0)
     totals = {"loss": 0.0, "reward_margin": 0.0, "accuracy": 0.0}
     pairs = 0
     with eval_mode(policy):
         for batch in islice(loader, num_batches):
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected = _pair_logprobs(policy, reference, batch, device)
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected = _pair_logprobs(policy, reference, batch, device,
+                                                                                      average, header_tokens)
             loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen,
                                                               ref_rejected, beta)
             preferred = beta * (policy_chosen - ref_chosen) > beta * (policy_rejected - ref_rejected)
+            margin = (chosen_rewards - rejected_rewards).item()
             n = len(policy_chosen)
             totals["loss"] += loss.item() * n
-            totals["reward_margin"] += (chosen_rewards - rejected_rewards).item() * n
+            totals["reward_margin"] += (margin if rewards_with_beta else margin / beta) * n
             totals["accuracy"] += preferred.sum().item()
             pairs += n
     if pairs == 0:

@@ -453,3 +453,99 @@ def test_train_dpo_refuses_to_run_with_gradients_switched_off():
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"gradients are switched off \(torch.no_grad"):
         train_dpo(policy, reference, loader, loader, torch.optim.SGD(policy.parameters(), lr=0.1), "cpu",
                   num_epochs=1, beta=0.1, eval_freq=1, eval_iter=1, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the book's units: per-token means over the response header and the answer, rewards without beta
+
+
+def _mean_logprob(logits: torch.Tensor, ids: torch.Tensor, scored: list[list[int]]) -> torch.Tensor:
+    """Per row, the mean over the listed positions t of log softmax(logits[t - 1])[ids[t]], one token at a time."""
+    means = []
+    for row, positions in enumerate(scored):
+        terms = [F.log_softmax(logits[row, t - 1].double(), dim=-1)[ids[row, t]] for t in positions]
+        means.append(torch.stack(terms).mean())
+    return torch.stack(means).float()
+
+
+# In _ITEMS the header is one token (1) just before each answer; with header_tokens=1 it is scored too.
+_CHOSEN_WITH_HEADER = [[3, 4, 5, 6], [2, 3, 4]]
+_REJECTED_WITH_HEADER = [[3, 4, 5], [2, 3, 4, 5, 6]]
+
+
+def test_header_tokens_and_average_give_the_per_token_mean_over_header_and_answer():
+    # given a tiny GPT and the chosen answers of two hand-built pairs
+    model = _tiny_gpt()
+    batch = collate_preferences(_ITEMS, pad_token_id=0)
+    ids, mask = batch["chosen"], batch["chosen_mask"]
+    with torch.no_grad():
+        expected = _mean_logprob(model(ids), ids, _CHOSEN_WITH_HEADER)
+        # when the answer masks are widened by the header token and averaged
+        from_logits = sequence_logprobs(model(ids), ids, mask, average=True, header_tokens=1)
+        from_model = model_sequence_logprobs(model, ids, mask, average=True, header_tokens=1, chunk_rows=2)
+    # then both equal the mean over the hand-listed positions, computed token by token
+    torch.testing.assert_close(from_logits, expected)
+    torch.testing.assert_close(from_model, expected)
+    # and a header longer than the prompt stops at column 1 (nothing predicts token 0)
+    everything = [list(range(1, 7)), list(range(1, 5))]
+    with torch.no_grad():
+        torch.testing.assert_close(model_sequence_logprobs(model, ids, mask, average=True, header_tokens=50),
+                                   _mean_logprob(model(ids), ids, everything))
+
+
+def test_header_tokens_reproduce_the_books_mask_on_real_records(gpt2_tok):
+    # given real records, tokenized, and random logits over GPT-2's vocabulary
+    train, _, _ = load_preference_splits()
+    items = list(PreferenceDataset(train[:2], gpt2_tok))
+    batch = collate_preferences(items)
+    ids, mask = batch["chosen"], batch["chosen_mask"]
+    logits = torch.randn(*ids.shape, 50257, generator=torch.Generator().manual_seed(0))
+    # the book's rule: every token of the sequence but the prompt and the two newlines before "### Response:"
+    books_span = [list(range(len(item["prompt"]) + 2, len(item["chosen"]))) for item in items]
+    # when the header tokens are those of "### Response:\n"
+    header_tokens = len(gpt2_tok.encode(RESPONSE_HEADER.lstrip("\n")))
+    assert header_tokens == 4
+    got = sequence_logprobs(logits, ids, mask, average=True, header_tokens=header_tokens)
+    # then the scored span is the book's
+    torch.testing.assert_close(got, _mean_logprob(logits, ids, books_span))
+
+
+def test_evaluate_dpo_in_the_books_units_equals_a_direct_computation():
+    # given a policy moved away from its reference and two batches of different sizes
+    reference = _tiny_gpt()
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    loader = [collate_preferences(_ITEMS, pad_token_id=0), collate_preferences(_ITEMS[:1], pad_token_id=0)]
+    beta = 0.5
+    # when it is evaluated per token, over header and answer, with rewards reported without beta
+    result = evaluate_dpo(policy, reference, loader, beta, "cpu", average=True, header_tokens=1,
+                          rewards_with_beta=False)
+    # then loss, margin and accuracy are those of the per-token means, pair by pair
+    losses, margins = [], []
+    with torch.no_grad():
+        for batch in loader:
+            rows = len(batch["chosen"])
+            logratio = {}
+            for answer, spans in (("chosen", _CHOSEN_WITH_HEADER), ("rejected", _REJECTED_WITH_HEADER)):
+                ids = batch[answer]
+                logratio[answer] = (_mean_logprob(policy(ids), ids, spans[:rows])
+                                    - _mean_logprob(reference(ids), ids, spans[:rows]))
+            margin = logratio["chosen"] - logratio["rejected"]
+            losses += (-F.logsigmoid(beta * margin)).tolist()
+            margins += margin.tolist()
+    assert result["loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+    assert result["reward_margin"] == pytest.approx(sum(margins) / 3, rel=1e-4)
+    assert result["accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 3)
+    assert result["reward_margin"] != pytest.approx(0.0, abs=1e-6)
+    # and the default units differ: sums over the answer only, margins times beta
+    ours = evaluate_dpo(policy, reference, loader, beta, "cpu")
+    assert ours["reward_margin"] != pytest.approx(result["reward_margin"], rel=1e-3)
+
+
+@pytest.mark.parametrize("header_tokens", [-1, 1.5, None])
+def test_header_tokens_must_be_a_count(header_tokens):
+    batch = collate_preferences(_ITEMS, pad_token_id=0)
+    with pytest.raises(ValueError, match="header_tokens must be an integer >= 0"):
+        sequence_logprobs(torch.zeros(2, 7, 101), batch["chosen"], batch["chosen_mask"], header_tokens=header_tokens)
