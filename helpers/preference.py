@@ -324,6 +324,7 @@ def _check_positive(name: str, value: object, hint: str) -> None:
 
 
 def _check_beta(beta: float) -> None:
+    """Refuse a ``beta`` that is not a positive finite number."""
     _check_positive("beta", beta, "(0.1 is usual)")
 
 
@@ -397,8 +398,9 @@ def evaluate_dpo(policy: nn.Module, reference: nn.Module, loader: Iterable, beta
 
     By default an answer's log-probability is the sum over its masked tokens and a reward is beta times
     a log-ratio. The book's units: ``average=True`` (mean per scored token), ``header_tokens=4`` (also
-    score ``### Response:\n``, see ``sequence_logprobs``) and ``rewards_with_beta=False`` (the margin
-    without beta). The loss keeps its beta either way, as the book's does.
+    score ``### Response:\n``, 4 tokens in GPT-2's BPE; see ``sequence_logprobs``) and
+    ``rewards_with_beta=False`` (the margin without beta). The loss keeps its beta either way, as the
+    book's does; ``accuracy`` does not depend on beta.
     """
     _check_beta(beta)
     check_count("num_batches", num_batches, minimum=1, allow_none=True)
