@@ -12,6 +12,11 @@ Masks refer to input tokens: ``chosen_mask[b, t]`` is True when token ``chosen[b
 log-probability is read from the logits at position ``t - 1`` (next-token prediction), so column 0 is
 always False: nothing predicts the first token. ``sequence_logprobs`` and ``model_sequence_logprobs``
 do that shift themselves; pass them the same ids as labels that went into the model.
+
+Our unit is the sum over exactly the answer's tokens, and a reward includes beta. The book's DPO
+notebook (Raschka, "Build a Large Language Model (From Scratch)") averages per token over a span that
+also holds ``### Response:\n`` and reports rewards without beta; ``evaluate_dpo(..., average=True,
+header_tokens=4, rewards_with_beta=False)`` measures in its units (4: those header tokens in GPT-2's BPE).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import random
 from collections.abc import Iterable, Sequence
 from itertools import islice
@@ -33,7 +39,8 @@ from tqdm import tqdm
 from helpers.data import fetch
 from helpers.instruct import RESPONSE_HEADER, InstructionDataError, format_input, split_records
 from helpers.model import GPTModel
-from helpers.runtime import autocast, compute_dtype, eval_mode, unwrap_model
+from helpers.runtime import autocast, check_count, compute_dtype, eval_mode, unwrap_model
+from helpers.tokenizers import encode_user_text
 from helpers.train import TrainingDiverged
 
 __all__ = [
@@ -65,6 +72,13 @@ class PreferenceDataError(InstructionDataError):
 # data: records, splits, token ids, batches
 
 
+def _describe(value: object) -> str:
+    """How an error names a field's value: its type, or NaN (pandas' mark of a missing value)."""
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN (a missing value, as pandas writes one)"
+    return f"a {type(value).__name__}"
+
+
 def _check_record(index: int, record: object) -> dict:
     """Return ``record`` if it has a non-empty instruction, chosen and rejected answer; else raise naming ``index``."""
     if not isinstance(record, dict):
@@ -72,16 +86,17 @@ def _check_record(index: int, record: object) -> dict:
                                   "'instruction', 'input', 'chosen' and 'rejected'")
     for field in ("instruction", *_ANSWERS):
         if field not in record:
-            raise PreferenceDataError(f"record {index} has no '{field}' key (keys: {sorted(record)}); every preference "
-                                      "record needs 'instruction', 'chosen' and 'rejected' (and optionally 'input')")
+            raise PreferenceDataError(f"record {index} has no '{field}' key (keys: {sorted(map(str, record))}); every "
+                                      "preference record needs 'instruction', 'chosen' and 'rejected' (and optionally "
+                                      "'input')")
         if not isinstance(record[field], str):
-            raise PreferenceDataError(f"record {index} field '{field}' is a {type(record[field]).__name__}, "
+            raise PreferenceDataError(f"record {index} field '{field}' is {_describe(record[field])}, "
                                       "expected a string")
         if not record[field].strip():
             raise PreferenceDataError(f"record {index} has an empty '{field}' ({record[field]!r}): there is nothing "
                                       "to score; fill it in or drop the record")
     if not isinstance(record.get("input", ""), str):
-        raise PreferenceDataError(f"record {index} field 'input' is a {type(record['input']).__name__}, "
+        raise PreferenceDataError(f"record {index} field 'input' is {_describe(record['input'])}, "
                                   "expected a string (empty when the instruction needs no input)")
     return record
 
@@ -98,6 +113,8 @@ def load_preference_splits(seed: int | None = None) -> tuple[list[dict], list[di
     shuffles a copy with ``random.Random(seed)`` first (the same permutation, as both files hold 1,100
     records in the same order).
     """
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be an integer or None (keep the file's order), got {seed!r}")
     path = fetch("instruction-preference")
     records = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(records, list):
@@ -116,20 +133,23 @@ class PreferenceDataset(Dataset):
     ``prompt_length`` (how many ids come before the answer: prompt and response header). The pieces are
     encoded one by one and joined, so the answer starts exactly at ``prompt_length``; the end token is
     part of the answer, as in instruction finetuning, so the preference also covers where an answer stops.
+    Record text is encoded with ``encode_user_text``: a literal ``<|endoftext|>`` in it is ordinary text,
+    and the only end-of-text id is the one appended here.
     """
 
     def __init__(self, data: Sequence[dict], tokenizer, end_token_id: int | None = 50256):
+        check_count("end_token_id", end_token_id, minimum=0, allow_none=True)
         records = check_preference_records(data)
         self.items = [self._encode(record, tokenizer, end_token_id) for record in records]
 
     @staticmethod
     def _encode(record: dict, tokenizer, end_token_id: int | None) -> dict:
-        prompt = tokenizer.encode(format_input(record))
-        prefix = prompt + tokenizer.encode(RESPONSE_HEADER)
+        prompt = encode_user_text(tokenizer, format_input(record))
+        prefix = prompt + encode_user_text(tokenizer, RESPONSE_HEADER)
         end = [] if end_token_id is None else [end_token_id]
         item = {"prompt": prompt, "prompt_length": len(prefix)}
         for answer in _ANSWERS:
-            item[answer] = prefix + tokenizer.encode(record[answer]) + end
+            item[answer] = prefix + encode_user_text(tokenizer, record[answer]) + end
         return item
 
     def __len__(self) -> int:
@@ -171,11 +191,10 @@ def collate_preferences(batch: Sequence[dict], pad_token_id: int = 50256, allowe
     ``mask_prompt=False`` (then every real token but the first). ``prompt`` holds the prompts padded
     to the longest, ``prompt_lengths`` their lengths.
     """
+    check_count("pad_token_id", pad_token_id, minimum=0)
+    check_count("allowed_max_length", allowed_max_length, minimum=2, allow_none=True)  # a token and the one it predicts
     if len(batch) == 0:
         raise ValueError("collate_preferences got an empty batch")
-    if allowed_max_length is not None and allowed_max_length < 2:
-        raise ValueError(f"allowed_max_length must be at least 2 (a token and the one it predicts), "
-                         f"got {allowed_max_length}")
     length = max(len(item[answer]) for item in batch for answer in _ANSWERS)
     if allowed_max_length is not None:
         length = min(length, allowed_max_length)
@@ -197,8 +216,9 @@ def collate_preferences(batch: Sequence[dict], pad_token_id: int = 50256, allowe
 # log-probabilities of answers
 
 
-def _check_scored(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Return ``mask`` as bool after checking it matches ``ids`` and scores at least one predictable token per row."""
+def _check_scored(ids: torch.Tensor, mask: torch.Tensor, header_tokens: int = 0) -> torch.Tensor:
+    """``mask`` as bool and widened by ``header_tokens``, once checked to fit ``ids`` and score a token in each row."""
+    check_count("header_tokens", header_tokens, minimum=0)
     if ids.dim() != 2 or mask.shape != ids.shape:
         raise ValueError(f"labels must be (batch, n_tokens) and mask the same shape; got labels "
                          f"{tuple(ids.shape)} and mask {tuple(mask.shape)}")
@@ -211,7 +231,17 @@ def _check_scored(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if empty.any():
         raise ValueError(f"mask rows {empty.nonzero().flatten().tolist()} score no token; each sequence needs at least "
                          "one True position")
-    return mask
+    return _with_header(mask, header_tokens)
+
+
+def _with_header(mask: torch.Tensor, header_tokens: int) -> torch.Tensor:
+    """``mask`` also True on the ``header_tokens`` positions before each row's first True one (never on column 0)."""
+    if header_tokens == 0:
+        return mask
+    positions = torch.arange(mask.shape[1], device=mask.device)  # (n_tokens,)
+    first = mask.long().argmax(dim=1, keepdim=True)  # (batch, 1): each row's first scored position
+    start = (first - header_tokens).clamp(min=1)
+    return mask | ((positions >= start) & (positions < first))  # (batch, n_tokens)
 
 
 def _reduce(totals: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
@@ -220,14 +250,17 @@ def _reduce(totals: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Te
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                      average: bool = False) -> torch.Tensor:
+                      average: bool = False, *, header_tokens: int = 0) -> torch.Tensor:
     """Summed (``average=True``: mean) log-probability of the masked tokens of each sequence, shape ``(batch,)``.
 
     ``logits`` ``(batch, n_tokens, vocab_size)`` are the model's output for ``labels`` ``(batch, n_tokens)``;
     ``mask[b, t]`` selects token ``labels[b, t]``, scored by the logits at ``t - 1``. Each token's
     log-probability is its logit minus the log-sum-exp of its row: no log-softmax copy of the logits.
+    ``header_tokens`` also scores that many tokens just before each row's first masked token (with
+    answer-only masks: the end of the response header; the book scores the 4 of ``### Response:\n``),
+    never token 0; ``average`` then divides by the widened count.
     """
-    mask = _check_scored(labels, mask)
+    mask = _check_scored(labels, mask, header_tokens)
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)} in (batch, n_tokens)")
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -257,20 +290,19 @@ def _head_logprobs(head: nn.Module, states: torch.Tensor, targets: torch.Tensor,
 
 
 def model_sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, average: bool = False,
-                            chunk_rows: int | None = None) -> torch.Tensor:
-    """``sequence_logprobs(model(ids), ids, mask, average)``, without the full logits for a ``GPTModel``.
+                            chunk_rows: int | None = None, *, header_tokens: int = 0) -> torch.Tensor:
+    """``sequence_logprobs(model(ids), ids, mask, average, header_tokens=...)``, without a GPTModel's full logits.
 
     For a GPTModel (also wrapped) the output head is applied only to the hidden states that predict a
     masked token, ``chunk_rows`` rows at a time (default: about 2^25 logits per chunk), so no
     ``(batch, n_tokens, vocab_size)`` tensor exists, in forward or backward. Other models go through
     their logits.
     """
+    check_count("chunk_rows", chunk_rows, minimum=1, allow_none=True)
     core = unwrap_model(model)
     if not isinstance(core, GPTModel):
-        return sequence_logprobs(model(ids), ids, mask, average)
-    mask = _check_scored(ids, mask)
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive number of rows, got {chunk_rows}")
+        return sequence_logprobs(model(ids), ids, mask, average, header_tokens=header_tokens)
+    mask = _check_scored(ids, mask, header_tokens)
     hidden = model(ids, return_hidden=True)  # (batch, n_tokens, emb_dim)
     rows, positions = mask[:, 1:].nonzero(as_tuple=True)  # hidden[:, t] predicts ids[:, t + 1]
     states = hidden[rows, positions]  # (n_scored, emb_dim)
@@ -285,9 +317,15 @@ def model_sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Ten
 # the DPO loss
 
 
+def _check_positive(name: str, value: object, hint: str) -> None:
+    """Refuse ``value`` unless it is a positive finite real number (Python's or NumPy's), naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number {hint}, got {value!r}")
+
+
 def _check_beta(beta: float) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a positive finite number (0.1 is usual), got {beta!r}")
+    """Refuse a ``beta`` that is not a positive finite number."""
+    _check_positive("beta", beta, "(0.1 is usual)")
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -310,29 +348,31 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses.mean(), chosen_rewards.mean(), rejected_rewards.mean()
 
 
-def _answer_logprobs(model: nn.Module, batch: dict, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def _answer_logprobs(model: nn.Module, batch: dict, device: torch.device | str, average: bool = False,
+                     header_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(chosen, rejected)`` sequence log-probabilities of one batch, both answers in one forward pass."""
     if batch["chosen"].shape != batch["rejected"].shape:
         raise ValueError(f"chosen {tuple(batch['chosen'].shape)} and rejected {tuple(batch['rejected'].shape)} must "
                          "be padded to one shape; build batches with collate_preferences")
     ids = torch.cat([batch["chosen"], batch["rejected"]]).to(device)  # (2 * batch, n_tokens)
     mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]]).to(device)
-    logprobs = model_sequence_logprobs(model, ids, mask)
+    logprobs = model_sequence_logprobs(model, ids, mask, average, header_tokens=header_tokens)
     return logprobs[:len(batch["chosen"])], logprobs[len(batch["chosen"]):]
 
 
-def _pair_logprobs(policy: nn.Module, reference: nn.Module, batch: dict,
-                   device: torch.device | str) -> tuple[torch.Tensor, ...]:
+def _pair_logprobs(policy: nn.Module, reference: nn.Module, batch: dict, device: torch.device | str,
+                   average: bool = False, header_tokens: int = 0) -> tuple[torch.Tensor, ...]:
     """``(policy_chosen, policy_rejected, ref_chosen, ref_rejected)``; the reference runs in eval mode, no grad."""
-    policy_chosen, policy_rejected = _answer_logprobs(policy, batch, device)
+    policy_chosen, policy_rejected = _answer_logprobs(policy, batch, device, average, header_tokens)
     with torch.no_grad(), eval_mode(reference):
-        ref_chosen, ref_rejected = _answer_logprobs(reference, batch, device)
+        ref_chosen, ref_rejected = _answer_logprobs(reference, batch, device, average, header_tokens)
     return policy_chosen, policy_rejected, ref_chosen, ref_rejected
 
 
 def dpo_batch_loss(policy: nn.Module, reference: nn.Module, batch: dict, beta: float,
                    device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dpo_loss`` of one ``collate_preferences`` batch: gradients reach the policy, never the reference."""
+    _check_beta(beta)
     return dpo_loss(*_pair_logprobs(policy, reference, batch, device), beta)
 
 
@@ -349,28 +389,39 @@ def frozen_reference(policy: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def evaluate_dpo(policy: nn.Module, reference: nn.Module, loader: Iterable, beta: float,
-                 device: torch.device | str, num_batches: int | None = None) -> dict[str, float]:
+                 device: torch.device | str, num_batches: int | None = None, *, average: bool = False,
+                 header_tokens: int = 0, rewards_with_beta: bool = True) -> dict[str, float]:
     """Mean DPO ``loss``, ``reward_margin`` (chosen minus rejected reward) and ``accuracy`` over pairs, in eval mode.
 
     ``accuracy`` is the share of pairs whose chosen answer gets the strictly higher implicit reward; a
     tie (as for every pair when the policy equals the reference) counts as not preferred.
+
+    By default an answer's log-probability is the sum over its masked tokens and a reward is beta times
+    a log-ratio. The book's units: ``average=True`` (mean per scored token), ``header_tokens=4`` (also
+    score ``### Response:\n``, 4 tokens in GPT-2's BPE; see ``sequence_logprobs``) and
+    ``rewards_with_beta=False`` (the margin without beta). The loss keeps its beta either way, as the
+    book's does; ``accuracy`` does not depend on beta.
     """
     _check_beta(beta)
+    check_count("num_batches", num_batches, minimum=1, allow_none=True)
+    check_count("header_tokens", header_tokens, minimum=0)
     totals = {"loss": 0.0, "reward_margin": 0.0, "accuracy": 0.0}
     pairs = 0
     with eval_mode(policy):
         for batch in islice(loader, num_batches):
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected = _pair_logprobs(policy, reference, batch, device)
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected = _pair_logprobs(policy, reference, batch, device,
+                                                                                      average, header_tokens)
             loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen,
                                                               ref_rejected, beta)
             preferred = beta * (policy_chosen - ref_chosen) > beta * (policy_rejected - ref_rejected)
+            margin = (chosen_rewards - rejected_rewards).item()
             n = len(policy_chosen)
             totals["loss"] += loss.item() * n
-            totals["reward_margin"] += (chosen_rewards - rejected_rewards).item() * n
+            totals["reward_margin"] += (margin if rewards_with_beta else margin / beta) * n
             totals["accuracy"] += preferred.sum().item()
             pairs += n
     if pairs == 0:
-        raise ValueError("the loader yielded no preference pairs (is it empty, or num_batches 0?)")
+        raise ValueError("the loader yielded no preference pairs (is it empty?)")
     return {key: value / pairs for key, value in totals.items()}
 
 
@@ -383,12 +434,20 @@ def preference_accuracy(policy: nn.Module, reference: nn.Module, loader: Iterabl
 
 
 def _check_training(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optimizer, beta: float,
-                    counts: dict[str, int]) -> None:
-    """Raise if the reference shares parameters with the policy or the optimizer, or an argument is out of range."""
+                    counts: dict[str, int], grad_clip: float | None) -> None:
+    """Refuse a policy with nothing to train, a reference shared with it or the optimizer, an argument out of range."""
     _check_beta(beta)
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_count(name, value, minimum=1)
+    if grad_clip is not None:
+        _check_positive("grad_clip", grad_clip, "or None (no clipping; 1.0 is usual)")
+    if not any(p.requires_grad for p in policy.parameters()):
+        raise ValueError("no parameter of the policy requires grad, so DPO has nothing to train: was the frozen "
+                         "reference passed as the policy, or the policy frozen? Unfreeze what should train "
+                         "(policy.requires_grad_(True), or the LoRA parameters)")
+    if not torch.is_grad_enabled():
+        raise RuntimeError("train_dpo was called while gradients are switched off (torch.no_grad() or "
+                           "torch.inference_mode()); call it outside that block")
     reference_params = {id(p) for p in reference.parameters()}
     if any(id(p) in reference_params for p in policy.parameters()):
         raise ValueError("the reference shares parameters with the policy; pass a separate frozen copy: "
@@ -439,7 +498,7 @@ def train_dpo(policy: nn.Module, reference: nn.Module, train_loader: Iterable, v
     ``verbose`` writes each evaluation under the tqdm bar. A NaN loss raises ``TrainingDiverged``.
     """
     _check_training(policy, reference, optimizer, beta,
-                    {"num_epochs": num_epochs, "eval_freq": eval_freq, "eval_iter": eval_iter})
+                    {"num_epochs": num_epochs, "eval_freq": eval_freq, "eval_iter": eval_iter}, grad_clip)
     if compute_dtype(device, precision) == torch.float16:
         raise ValueError("float16 training needs loss scaling, which train_dpo does not do; use bfloat16 or float32")
     history: dict[str, list] = {f"{split}_{name}": [] for split in ("train", "val")

@@ -6,6 +6,7 @@ import copy
 import math
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,9 @@ def test_dataset_ids_equal_tiktoken_on_the_whole_text(gpt2_tok, tiktoken_gpt2):
     (_record(chosen=""), "record 1 has an empty 'chosen'"),
     (_record(instruction=""), "record 1 has an empty 'instruction'"),
     (_record(input=3), "record 1 field 'input' is a int"),
+    (_record(input=float("nan")), "record 1 field 'input' is NaN"),
+    (_record(chosen=float("nan")), "record 1 field 'chosen' is NaN"),
+    ({1: "a key that is no string", "instruction": "Do it.", "chosen": "Done."}, "record 1 has no 'rejected' key"),
     ("not a record", "record 1 is a str"),
 ])
 def test_bad_records_raise_errors_naming_the_record(gpt2_tok, record, message):
@@ -92,6 +96,34 @@ def test_bad_records_raise_errors_naming_the_record(gpt2_tok, record, message):
         check_preference_records(records)
     with pytest.raises(ValueError, match=message):
         PreferenceDataset(records, gpt2_tok)
+
+
+@pytest.mark.parametrize("end_token_id", [-1, 1.5, "50256", True])
+def test_dataset_refuses_an_end_token_id_that_is_no_token_id(gpt2_tok, end_token_id):
+    with pytest.raises(ValueError, match="end_token_id must be an integer >= 0 or None"):
+        PreferenceDataset([_record()], gpt2_tok, end_token_id=end_token_id)
+
+
+@pytest.mark.parametrize("seed", [1.5, "123", True])
+def test_splits_refuse_a_seed_that_is_not_an_integer(seed):
+    with pytest.raises(ValueError, match="seed must be an integer or None"):
+        load_preference_splits(seed=seed)
+
+
+def test_text_with_the_end_of_text_string_is_encoded_as_ordinary_text(gpt2_tok, tiktoken_gpt2):
+    # given a record whose instruction and answers contain the literal string <|endoftext|>
+    record = _record(instruction="Explain what <|endoftext|> means.", chosen="It marks the end<|endoftext|> of a text.",
+                     rejected="<|endoftext|>")
+    # when it is tokenized
+    item = PreferenceDataset([record], gpt2_tok)[0]
+    # then the literal is ordinary text, and the only end-of-text id is the one the dataset appends
+    prefix = format_input(record) + RESPONSE_HEADER
+    assert item["prompt"] == tiktoken_gpt2.encode(format_input(record), disallowed_special=())
+    assert item["prompt_length"] == len(tiktoken_gpt2.encode(prefix, disallowed_special=()))
+    for answer in ("chosen", "rejected"):
+        assert item[answer] == tiktoken_gpt2.encode(prefix + record[answer], disallowed_special=()) + [END]
+        assert item[answer].count(END) == 1
+        assert gpt2_tok.decode(item[answer][item["prompt_length"]:-1]) == record[answer]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,10 +174,20 @@ def test_allowed_max_length_cuts_the_batch_and_refuses_to_leave_no_answer():
     assert batch["chosen_mask"].tolist()[0] == [False, False, False, False, True]
     with pytest.raises(ValueError, match="batch item 0: its chosen answer starts at token 4 .* allowed_max_length"):
         collate_preferences(_ITEMS, pad_token_id=0, allowed_max_length=4)
-    with pytest.raises(ValueError, match="allowed_max_length must be at least 2"):
-        collate_preferences(_ITEMS, allowed_max_length=1)
     with pytest.raises(ValueError, match="empty batch"):
         collate_preferences([])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"allowed_max_length": 1}, "allowed_max_length must be an integer >= 2 or None, got 1"),
+    ({"allowed_max_length": 4.5}, "allowed_max_length must be an integer >= 2 or None, got 4.5"),
+    ({"allowed_max_length": "5"}, "allowed_max_length must be an integer >= 2 or None, got '5'"),
+    ({"pad_token_id": -1}, "pad_token_id must be an integer >= 0, got -1"),
+    ({"pad_token_id": None}, "pad_token_id must be an integer >= 0, got None"),
+])
+def test_collate_refuses_arguments_out_of_range_naming_them(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        collate_preferences(_ITEMS, **arguments)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +250,13 @@ def test_logprobs_reject_a_mask_on_the_first_token_or_an_empty_row():
         sequence_logprobs(logits, labels, empty[:, :3])
 
 
+@pytest.mark.parametrize("chunk_rows", [0, -2, 2.5, "3"])
+def test_model_logprobs_refuse_a_chunk_rows_that_is_not_a_positive_integer(chunk_rows):
+    batch = collate_preferences(_ITEMS, pad_token_id=0)
+    with pytest.raises(ValueError, match="chunk_rows must be an integer >= 1 or None"):
+        model_sequence_logprobs(_tiny_gpt(), batch["chosen"], batch["chosen_mask"], chunk_rows=chunk_rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # the DPO loss
 
@@ -238,6 +287,37 @@ def test_dpo_loss_rejects_a_beta_that_is_not_positive_and_finite(beta):
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="beta must be a positive finite number"):
         dpo_loss(x, x, x, x, beta=beta)
+
+
+def test_dpo_loss_accepts_a_numpy_beta():
+    x = torch.zeros(2)
+    loss, _, _ = dpo_loss(x, x, x, x, beta=np.float32(0.5))
+    assert loss.item() == pytest.approx(math.log(2))
+
+
+class _Unusable(torch.nn.Module):
+    """A model that must never run: the arguments are checked before any forward pass."""
+
+    def forward(self, ids):
+        raise AssertionError("the model ran although an argument was invalid")
+
+
+@pytest.mark.parametrize("beta", [0, -1.0, float("nan")])
+def test_batch_loss_and_evaluation_refuse_a_bad_beta_before_running_a_model(beta):
+    batch = collate_preferences(_ITEMS, pad_token_id=0)
+    with pytest.raises(ValueError, match="beta must be a positive finite number"):
+        dpo_batch_loss(_Unusable(), _Unusable(), batch, beta=beta, device="cpu")
+    with pytest.raises(ValueError, match="beta must be a positive finite number"):
+        evaluate_dpo(_Unusable(), _Unusable(), [batch], beta=beta, device="cpu")
+
+
+@pytest.mark.parametrize("num_batches", [-1, 0, 1.5, "2", True])
+def test_evaluate_dpo_refuses_a_num_batches_that_is_not_a_positive_integer(num_batches):
+    batch = collate_preferences(_ITEMS, pad_token_id=0)
+    with pytest.raises(ValueError, match="num_batches must be an integer >= 1 or None"):
+        evaluate_dpo(_Unusable(), _Unusable(), [batch], beta=0.1, device="cpu", num_batches=num_batches)
+    with pytest.raises(ValueError, match="num_batches must be an integer >= 1 or None"):
+        preference_accuracy(_Unusable(), _Unusable(), [batch], beta=0.1, device="cpu", num_batches=num_batches)
 
 
 def test_dpo_loss_rejects_mismatched_shapes():
@@ -329,8 +409,143 @@ def test_train_dpo_refuses_a_reference_shared_with_the_policy_or_the_optimizer()
     both = [*policy.parameters(), *reference.parameters()]
     with pytest.raises(ValueError, match="optimizer holds reference parameters"):
         run(policy, reference, optimizer=torch.optim.SGD(both, lr=0.1))
-    for name, value in [("num_epochs", 0), ("eval_freq", 0), ("eval_iter", -1)]:
-        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+    for name, value in [("num_epochs", 0), ("eval_freq", 0), ("eval_iter", -1), ("num_epochs", 1.5),
+                        ("eval_freq", "2"), ("eval_iter", None)]:
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got {value!r}"):
             run(policy, reference, optimizer=torch.optim.SGD(policy.parameters(), lr=0.1), **{name: value})
-    with pytest.raises(ValueError, match="beta must be"):
-        run(policy, reference, optimizer=torch.optim.SGD(policy.parameters(), lr=0.1), beta=0.0)
+    for beta in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="beta must be"):
+            run(policy, reference, optimizer=torch.optim.SGD(policy.parameters(), lr=0.1), beta=beta)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, -1.0, float("nan"), float("inf"), "1"])
+def test_train_dpo_refuses_a_grad_clip_that_is_not_a_positive_number(grad_clip):
+    # a negative grad_clip would silently flip every gradient (clip_grad_norm_ scales by grad_clip / norm)
+    policy = _tiny_gpt(vocab_size=16)
+    loader = DataLoader(_toy_pairs(4, torch.Generator().manual_seed(2)), batch_size=4,
+                        collate_fn=partial(collate_preferences, pad_token_id=0))
+    with pytest.raises(ValueError, match="grad_clip must be a positive finite number or None"):
+        train_dpo(policy, frozen_reference(policy), loader, loader, torch.optim.SGD(policy.parameters(), lr=0.1),
+                  "cpu", num_epochs=1, beta=0.1, eval_freq=1, eval_iter=1, grad_clip=grad_clip, progress=False)
+
+
+def _one_batch_loader() -> DataLoader:
+    return DataLoader(_toy_pairs(4, torch.Generator().manual_seed(3)), batch_size=4,
+                      collate_fn=partial(collate_preferences, pad_token_id=0))
+
+
+def test_train_dpo_refuses_a_policy_with_nothing_to_train():
+    # given a policy whose parameters are all frozen (say, the reference passed in its place)
+    policy = _tiny_gpt(vocab_size=16)
+    reference = frozen_reference(policy)
+    policy.requires_grad_(False)
+    loader = _one_batch_loader()
+    # then train_dpo says so before the first step, instead of autograd's "does not require grad"
+    with pytest.raises(ValueError, match="no parameter of the policy requires grad"):
+        train_dpo(policy, reference, loader, loader, torch.optim.SGD(policy.parameters(), lr=0.1), "cpu",
+                  num_epochs=1, beta=0.1, eval_freq=1, eval_iter=1, progress=False)
+
+
+def test_train_dpo_refuses_to_run_with_gradients_switched_off():
+    policy = _tiny_gpt(vocab_size=16)
+    reference = frozen_reference(policy)
+    loader = _one_batch_loader()
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"gradients are switched off \(torch.no_grad"):
+        train_dpo(policy, reference, loader, loader, torch.optim.SGD(policy.parameters(), lr=0.1), "cpu",
+                  num_epochs=1, beta=0.1, eval_freq=1, eval_iter=1, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the book's units: per-token means over the response header and the answer, rewards without beta
+
+
+def _mean_logprob(logits: torch.Tensor, ids: torch.Tensor, scored: list[list[int]]) -> torch.Tensor:
+    """Per row, the mean over the listed positions t of log softmax(logits[t - 1])[ids[t]], one token at a time."""
+    means = []
+    for row, positions in enumerate(scored):
+        terms = [F.log_softmax(logits[row, t - 1].double(), dim=-1)[ids[row, t]] for t in positions]
+        means.append(torch.stack(terms).mean())
+    return torch.stack(means).float()
+
+
+# In _ITEMS the header is one token (1) just before each answer; with header_tokens=1 it is scored too.
+_CHOSEN_WITH_HEADER = [[3, 4, 5, 6], [2, 3, 4]]
+_REJECTED_WITH_HEADER = [[3, 4, 5], [2, 3, 4, 5, 6]]
+
+
+def test_header_tokens_and_average_give_the_per_token_mean_over_header_and_answer():
+    # given a tiny GPT and the chosen answers of two hand-built pairs
+    model = _tiny_gpt()
+    batch = collate_preferences(_ITEMS, pad_token_id=0)
+    ids, mask = batch["chosen"], batch["chosen_mask"]
+    with torch.no_grad():
+        expected = _mean_logprob(model(ids), ids, _CHOSEN_WITH_HEADER)
+        # when the answer masks are widened by the header token and averaged
+        from_logits = sequence_logprobs(model(ids), ids, mask, average=True, header_tokens=1)
+        from_model = model_sequence_logprobs(model, ids, mask, average=True, header_tokens=1, chunk_rows=2)
+    # then both equal the mean over the hand-listed positions, computed token by token
+    torch.testing.assert_close(from_logits, expected)
+    torch.testing.assert_close(from_model, expected)
+    # and a header longer than the prompt stops at column 1 (nothing predicts token 0)
+    everything = [list(range(1, 7)), list(range(1, 5))]
+    with torch.no_grad():
+        torch.testing.assert_close(model_sequence_logprobs(model, ids, mask, average=True, header_tokens=50),
+                                   _mean_logprob(model(ids), ids, everything))
+
+
+def test_header_tokens_reproduce_the_books_mask_on_real_records(gpt2_tok):
+    # given real records, tokenized, and random logits over GPT-2's vocabulary
+    train, _, _ = load_preference_splits()
+    items = list(PreferenceDataset(train[:2], gpt2_tok))
+    batch = collate_preferences(items)
+    ids, mask = batch["chosen"], batch["chosen_mask"]
+    logits = torch.randn(*ids.shape, 50257, generator=torch.Generator().manual_seed(0))
+    # the book's rule: every token of the sequence but the prompt and the two newlines before "### Response:"
+    books_span = [list(range(len(item["prompt"]) + 2, len(item["chosen"]))) for item in items]
+    # when the header tokens are those of "### Response:\n"
+    header_tokens = len(gpt2_tok.encode(RESPONSE_HEADER.lstrip("\n")))
+    assert header_tokens == 4
+    got = sequence_logprobs(logits, ids, mask, average=True, header_tokens=header_tokens)
+    # then the scored span is the book's
+    torch.testing.assert_close(got, _mean_logprob(logits, ids, books_span))
+
+
+def test_evaluate_dpo_in_the_books_units_equals_a_direct_computation():
+    # given a policy moved away from its reference and two batches of different sizes
+    reference = _tiny_gpt()
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    loader = [collate_preferences(_ITEMS, pad_token_id=0), collate_preferences(_ITEMS[:1], pad_token_id=0)]
+    beta = 0.5
+    # when it is evaluated per token, over header and answer, with rewards reported without beta
+    result = evaluate_dpo(policy, reference, loader, beta, "cpu", average=True, header_tokens=1,
+                          rewards_with_beta=False)
+    # then loss, margin and accuracy are those of the per-token means, pair by pair
+    losses, margins = [], []
+    with torch.no_grad():
+        for batch in loader:
+            rows = len(batch["chosen"])
+            logratio = {}
+            for answer, spans in (("chosen", _CHOSEN_WITH_HEADER), ("rejected", _REJECTED_WITH_HEADER)):
+                ids = batch[answer]
+                logratio[answer] = (_mean_logprob(policy(ids), ids, spans[:rows])
+                                    - _mean_logprob(reference(ids), ids, spans[:rows]))
+            margin = logratio["chosen"] - logratio["rejected"]
+            losses += (-F.logsigmoid(beta * margin)).tolist()
+            margins += margin.tolist()
+    assert result["loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+    assert result["reward_margin"] == pytest.approx(sum(margins) / 3, rel=1e-4)
+    assert result["accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 3)
+    assert result["reward_margin"] != pytest.approx(0.0, abs=1e-6)
+    # and the default units differ: sums over the answer only, margins times beta
+    ours = evaluate_dpo(policy, reference, loader, beta, "cpu")
+    assert ours["reward_margin"] != pytest.approx(result["reward_margin"], rel=1e-3)
+
+
+@pytest.mark.parametrize("header_tokens", [-1, 1.5, None])
+def test_header_tokens_must_be_a_count(header_tokens):
+    batch = collate_preferences(_ITEMS, pad_token_id=0)
+    with pytest.raises(ValueError, match="header_tokens must be an integer >= 0"):
+        sequence_logprobs(torch.zeros(2, 7, 101), batch["chosen"], batch["chosen_mask"], header_tokens=header_tokens)
