@@ -15,6 +15,7 @@ import random
 import re
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 
 from helpers.data import fetch
 from helpers.generate import generate
-from helpers.runtime import eval_mode, write_atomically
+from helpers.runtime import check_count, eval_mode, write_atomically
+from helpers.tokenizers import encode_user_text
 
 __all__ = [
     "CONSTANT_ANSWER",
@@ -145,7 +147,9 @@ class InstructionDataset(Dataset):
     Items are lists of token ids, or ``(ids, prompt_length)`` with ``return_prompt_length=True``, where
     ``prompt_length`` counts the tokens of ``format_input(entry) + "\\n\\n### Response:\\n"``: the part
     the model is given when it answers. Prompt and response are encoded separately and joined, which on
-    this data gives the same ids as encoding the whole text at once.
+    this data gives the same ids as encoding the whole text at once. Record text is encoded as ordinary
+    text (``encode_user_text``): an ``<|endoftext|>`` in it is characters, not the end-of-text id. A
+    record that is not a dict of strings raises ``InstructionDataError`` naming its index.
     """
 
     def __init__(self, data: Sequence[dict], tokenizer, return_prompt_length: bool = False):
@@ -154,8 +158,8 @@ class InstructionDataset(Dataset):
         self.prompt_lengths: list[int] = []
         for index, entry in enumerate(data):
             entry = _check_record(index, entry)
-            prompt_ids = tokenizer.encode(format_input(entry) + RESPONSE_HEADER)
-            self.encoded.append(prompt_ids + tokenizer.encode(entry["output"]))
+            prompt_ids = encode_user_text(tokenizer, format_input(entry) + RESPONSE_HEADER)
+            self.encoded.append(prompt_ids + encode_user_text(tokenizer, entry["output"]))
             self.prompt_lengths.append(len(prompt_ids))
 
     def __len__(self) -> int:
@@ -179,7 +183,12 @@ def _split_item(index: int, item, mask_prompt: bool) -> tuple[list[int], int]:
     ids = list(ids.tolist() if isinstance(ids, torch.Tensor) else ids)
     if not ids:
         raise ValueError(f"batch item {index} has no tokens")
-    return ids, (prompt_length if mask_prompt else 0)
+    if not mask_prompt:
+        return ids, 0
+    if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or not 0 <= prompt_length <= len(ids):
+        raise ValueError(f"batch item {index}: prompt_length must be an integer from 0 to the item's {len(ids)} "
+                         f"tokens, got {prompt_length!r}")
+    return ids, prompt_length
 
 
 def collate_instructions(batch: Sequence, pad_token_id: int = 50256, ignore_index: int = -100,
@@ -191,12 +200,13 @@ def collate_instructions(batch: Sequence, pad_token_id: int = 50256, ignore_inde
     targets are the inputs shifted by one. The first end-of-text target stays (the model learns to stop),
     every later padding target becomes ``ignore_index``. With ``mask_prompt`` (items
     ``(ids, prompt_length)``) ``targets[:prompt_length - 1]`` are ``ignore_index`` too, so only the
-    response and its end-of-text count. Both tensors are then cut to ``allowed_max_length`` tokens.
+    response and its end-of-text count. Both tensors are then cut to ``allowed_max_length`` tokens; a
+    batch that the cut leaves with no target to score (every response cut off) is refused, since its
+    loss would be NaN.
     """
     if len(batch) == 0:
         raise ValueError("collate_instructions got an empty batch")
-    if allowed_max_length is not None and allowed_max_length < 1:
-        raise ValueError(f"allowed_max_length must be a positive integer or None, got {allowed_max_length}")
+    check_count("allowed_max_length", allowed_max_length, allow_none=True)
     items = [_split_item(index, item, mask_prompt) for index, item in enumerate(batch)]
     width = max(len(ids) for ids, _ in items)  # one more than that with the end-of-text, one less after the shift
     inputs, targets = [], []
@@ -209,6 +219,11 @@ def collate_instructions(batch: Sequence, pad_token_id: int = 50256, ignore_inde
         targets.append(target)
     inputs_t = torch.tensor(inputs, dtype=torch.long)[:, :allowed_max_length]
     targets_t = torch.tensor(targets, dtype=torch.long)[:, :allowed_max_length]
+    if not (targets_t != ignore_index).any():
+        raise ValueError(f"no batch item has a response token left to score: the responses start at tokens "
+                         f"{[prompt_length for _, prompt_length in items]} but the sequences are cut to "
+                         f"{allowed_max_length} tokens (allowed_max_length), so the loss would be NaN; raise "
+                         "allowed_max_length or drop records whose prompt is that long")
     return inputs_t.to(device), targets_t.to(device)
 
 
@@ -217,7 +232,20 @@ def collate_instructions(batch: Sequence, pad_token_id: int = 50256, ignore_inde
 
 
 def _prompt_ids(entries: Sequence[dict], tokenizer) -> list[list[int]]:
-    return [tokenizer.encode(format_input(_check_record(i, e)) + RESPONSE_HEADER) for i, e in enumerate(entries)]
+    return [encode_user_text(tokenizer, format_input(_check_record(i, e)) + RESPONSE_HEADER)
+            for i, e in enumerate(entries)]
+
+
+def _warn_if_cropped(prompts: Sequence[list[int]], context_size: int | None) -> None:
+    """One warning when prompts are longer than ``context_size``: how many, and by how many tokens at most."""
+    if context_size is None:  # generate() will ask for one
+        return
+    over = [len(ids) - context_size for ids in prompts if len(ids) > context_size]
+    if over:
+        warnings.warn(f"generate_responses: {len(over)} of {len(prompts)} prompts are longer than the "
+                      f"{context_size}-token context and are cropped from the left, by up to {max(over)} tokens: "
+                      "the model does not see the start of their instructions. Shorten those entries or use a "
+                      "model with a longer context", stacklevel=3)
 
 
 def _equal_length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -244,13 +272,16 @@ def generate_responses(model: nn.Module, tokenizer, entries: Sequence[dict], max
     the same number of tokens are answered together, up to ``batch_size`` at a time: no padding is
     needed, so the answers are the ones generated one at a time. With ``out_path`` the result is
     written there as JSON (atomically; missing parent folders are created).
+
+    A prompt longer than the context (``context_size``, else the model's) is cropped from the left,
+    losing the start of its instruction; one warning says how many prompts and by how many tokens at
+    most. (As an answer grows past the context, the window slides on the same way.)
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_count("batch_size", batch_size)
+    check_count("max_new_tokens", max_new_tokens, minimum=0)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     prompts = _prompt_ids(entries, tokenizer)
+    _warn_if_cropped(prompts, context_size or getattr(getattr(model, "cfg", None), "context_length", None))
     answers: list[str] = [""] * len(entries)
     with eval_mode(model), tqdm(total=len(entries), desc="answering", unit="entry", disable=not progress) as bar:
         for group in _equal_length_groups([len(ids) for ids in prompts], batch_size):

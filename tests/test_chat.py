@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -9,10 +10,12 @@ import sys
 import pytest
 import torch
 
-from helpers.chat import PROMPT_MARKER, TokenTextStream, main, stream_generate
+import helpers.weights
+from helpers.chat import PROMPT_MARKER, ChatInputError, TokenTextStream, answer, chat, main, stream_generate
 from helpers.generate import generate
-from helpers.instruct import format_input
+from helpers.instruct import RESPONSE_HEADER, format_input
 from helpers.model import GPTConfig, GPTModel
+from helpers.tokenizers import encode_user_text
 from helpers.weights import load_gpt2, save_hf_gpt2
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,16 +91,24 @@ def test_chat_through_a_pipe_streams_the_greedy_answer_and_exits_at_end_of_input
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--temperature", "-1", "--temperature must be >= 0 (0 means greedy), got -1.0"),
+    ("--temperature", "-1", "--temperature must be a finite number >= 0 (0 means greedy), got -1.0"),
+    ("--temperature", "nan", "--temperature must be a finite number >= 0 (0 means greedy), got nan"),
+    ("--temperature", "inf", "--temperature must be a finite number >= 0 (0 means greedy), got inf"),
+    ("--temperature", "warm", "argument --temperature: invalid float value: 'warm'"),
     ("--top-k", "0", "--top-k must be a positive integer, got 0"),
     ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
+    ("--top-p", "nan", "--top-p must be in (0, 1], got nan"),
     ("--max-new-tokens", "0", "--max-new-tokens must be at least 1, got 0"),
-    ("--seed", "-2", "--seed must be a non-negative integer, got -2"),
+    ("--seed", "-2", "--seed must be an integer from 0 to 2**64 - 1, got -2"),
+    ("--seed", str(2**70), f"--seed must be an integer from 0 to 2**64 - 1, got {2**70}"),
+    ("--device", "cuda:99", "--device asks for cuda:99, but this machine has"),
+    ("--device", "toaster", "--device is not a torch device (cpu, cuda, cuda:1, mps)"),
 ])
 def test_chat_refuses_bad_flags_with_one_message(flag, value, message, capsys):
     assert main(["--model", "unused", flag, value]) == 2
     captured = capsys.readouterr()
-    assert captured.err == f"helpers.chat: {message}\n" and captured.out == ""
+    assert captured.err.startswith(f"helpers.chat: {message}") and captured.err.count("\n") == 1
+    assert captured.out == ""
 
 
 def test_chat_names_a_model_it_cannot_load(tmp_path, capsys):
@@ -105,3 +116,100 @@ def test_chat_names_a_model_it_cannot_load(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("helpers.chat: cannot load the model") and "missing" in err
     assert err.count("\n") == 1
+
+
+def test_the_help_lists_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "130 interrupted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stdin", [None, "closed"])
+def test_chat_without_a_readable_stdin_says_so_and_exits_2(stdin, saved_model, monkeypatch, capsys):
+    # given no standard input (started with <&-) or one closed during the session
+    if stdin == "closed":
+        stdin = io.StringIO("hello\n")
+        stdin.close()
+    monkeypatch.setattr(sys, "stdin", stdin)
+    # when the chat starts, then it ends with one line on stderr and status 2
+    assert main(["--model", str(saved_model), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("helpers.chat: ") and "standard input" in err[-1]
+
+
+def test_chat_raises_chat_input_error_when_stdin_is_closed_mid_session(tiny_model):
+    stdin = io.StringIO("hello\n")
+    stdin.close()
+    with pytest.raises(ChatInputError, match="cannot read standard input"):
+        chat(tiny_model, None, stdin, io.StringIO())
+
+
+def test_ctrl_c_while_the_model_loads_exits_130_with_one_line(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(helpers.weights, "load_gpt2", interrupted)
+    assert main(["--model", "any"]) == 130
+    assert capsys.readouterr().err.strip() == "helpers.chat: interrupted"
+
+
+def _gpt2_vocab_model(context_length: int = 64, vocab_size: int = 50257) -> GPTModel:
+    torch.manual_seed(11)
+    return GPTModel(GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=16, n_heads=2,
+                              n_layers=1, drop_rate=0.0)).eval()
+
+
+def test_a_message_with_the_end_of_text_string_is_ordinary_text(gpt2_tok):
+    # given a message holding the literal special-token string
+    model, message = _gpt2_vocab_model(), "say <|endoftext|> twice"
+    prompt = encode_user_text(gpt2_tok, format_input({"instruction": message, "input": ""}) + RESPONSE_HEADER)
+    assert 50256 not in prompt
+    expected = gpt2_tok.decode(_new_tokens(generate(model, torch.tensor([prompt]), 4, eos_id=50256), len(prompt),
+                                           50256))
+    # when it is answered, then the answer is the one generated from the prompt read as ordinary text
+    assert answer(model, gpt2_tok, message, io.StringIO(), max_new_tokens=4) == expected
+
+
+def test_ids_past_the_tokenizers_vocabulary_are_left_out_with_one_notice(gpt2_tok):
+    # given a model with a padded vocabulary (50304) that always emits 50300, which GPT-2's tokenizer lacks
+    model = _gpt2_vocab_model(vocab_size=50304)
+    with torch.no_grad():
+        model.final_norm.weight.zero_()
+        model.final_norm.bias.fill_(1.0)
+        model.out_head.weight.zero_()
+        model.out_head.weight[50300] = 1.0
+    out, err = io.StringIO(), io.StringIO()
+    # when it answers, then the answer is empty and one notice names the id
+    assert answer(model, gpt2_tok, "hello", out, max_new_tokens=3, err=err) == ""
+    assert out.getvalue() == "\n"
+    assert err.getvalue().count("\n") == 1 and "cannot decode (50300, 50300, 50300)" in err.getvalue()
+
+
+def test_a_prompt_longer_than_the_context_is_cropped_with_a_notice_saying_how_much(gpt2_tok):
+    # given a model with a 32-token context and a message whose prompt alone is longer
+    model = _gpt2_vocab_model(context_length=32)
+    message = " ".join(["word"] * 40)
+    n_prompt = len(gpt2_tok.encode(format_input({"instruction": message, "input": ""}) + RESPONSE_HEADER))
+    err = io.StringIO()
+    # when it answers 3 tokens (this model emits no end-of-text here), the last one predicted from n_prompt + 2
+    answer(model, gpt2_tok, message, io.StringIO(), max_new_tokens=3, err=err)
+    # then one notice says how many prompt tokens fell out of the window by the last prediction
+    assert err.getvalue() == (f"helpers.chat: the prompt and answer outgrew the model's context of 32 tokens: the "
+                              f"first {n_prompt + 2 - 32} tokens of the prompt were dropped (cropped from the left); "
+                              "send a shorter message or ask for a shorter answer\n")
+    quiet = io.StringIO()
+    answer(_gpt2_vocab_model(context_length=64), gpt2_tok, "hi", io.StringIO(), max_new_tokens=3, err=quiet)
+    assert quiet.getvalue() == ""
+
+
+@pytest.mark.slow  # a fresh Python importing torch
+def test_a_closed_stdout_ends_the_chat_with_one_line_and_status_1(saved_model):
+    env = {**os.environ, "LLM_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "helpers.chat", "--model", str(saved_model)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT,
+                               env=env)
+    process.stdout.close()  # the reader goes away before the chat writes anything (as `| head -c 0` would)
+    _, err = process.communicate(b"hello\n", timeout=120)
+    assert process.returncode == 1
+    assert err.decode().splitlines()[-1] == "helpers.chat: standard output was closed (broken pipe); stopping"

@@ -8,6 +8,7 @@ import re
 import socket
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -33,6 +34,7 @@ from helpers.instruct import (
     rouge_l,
 )
 from helpers.model import GPTConfig, GPTModel
+from helpers.tokenizers import encode_user_text
 from helpers.train import calc_loss_batch
 
 PREAMBLE = ("Below is an instruction that describes a task. "
@@ -140,6 +142,60 @@ def test_collate_refuses_masking_without_prompt_lengths_and_empty_input():
         collate_instructions([[1, 2]], allowed_max_length=0)
 
 
+def test_collate_refuses_a_batch_whose_every_response_is_cut_off():
+    # given prompt-masked items whose responses start at token 4 and 5
+    batch = [([1, 2, 3, 4, 5, 6], 4), ([1, 2, 3, 4, 5, 6, 7], 5)]
+    # when the cut leaves only prompt targets, then the batch is refused (its loss would be NaN)
+    with pytest.raises(ValueError, match=r"no batch item has a response token left to score.*allowed_max_length"):
+        collate_instructions(batch, allowed_max_length=3, mask_prompt=True)
+    # while a cut that leaves one scored target is fine
+    targets = collate_instructions(batch, allowed_max_length=4, mask_prompt=True)[1]
+    assert targets.tolist() == [[-100, -100, -100, 5], [-100, -100, -100, -100]]
+
+
+@pytest.mark.parametrize("item, argument", [
+    (([1, 2, 3], -1), "prompt_length"),
+    (([1, 2, 3], 4), "prompt_length"),
+    (([1, 2, 3], 1.5), "prompt_length"),
+])
+def test_collate_refuses_a_prompt_length_outside_its_item(item, argument):
+    with pytest.raises(ValueError, match=rf"batch item 0: {argument} must be an integer from 0 to the item's 3"):
+        collate_instructions([item], mask_prompt=True)
+
+
+@pytest.mark.parametrize("length", [0, -3, 2.5, True])
+def test_collate_refuses_an_allowed_max_length_that_is_not_a_positive_integer(length):
+    with pytest.raises(ValueError, match="allowed_max_length must be an integer >= 1 or None"):
+        collate_instructions([[1, 2]], allowed_max_length=length)
+
+
+SPECIAL = {"instruction": "Repeat <|endoftext|> once.", "input": "a<|endoftext|>b", "output": "<|endoftext|>"}
+
+
+def test_record_text_with_the_end_of_text_string_is_encoded_as_ordinary_text(tiktoken_gpt2):
+    # given a record whose fields hold the literal special-token string
+    dataset = InstructionDataset([SPECIAL], tiktoken_gpt2, return_prompt_length=True)
+    ids, prompt_length = dataset[0]
+    # then its ids are those of the text read as ordinary characters, with no end-of-text id
+    assert ids == encode_user_text(tiktoken_gpt2, format_training_text(SPECIAL)) and 50256 not in ids
+    assert tiktoken_gpt2.decode(ids[prompt_length:]) == "<|endoftext|>"
+
+
+def test_generate_responses_answers_a_record_holding_the_end_of_text_string(answer_model, tiktoken_gpt2):
+    prompt = encode_user_text(tiktoken_gpt2, format_input(SPECIAL) + "\n\n### Response:\n")
+    new = generate(answer_model, torch.tensor([prompt]), 3, eos_id=50256)[0, len(prompt):].tolist()
+    expected = tiktoken_gpt2.decode(new[:new.index(50256)] if 50256 in new else new).strip()
+    answered = generate_responses(answer_model, tiktoken_gpt2, [SPECIAL], max_new_tokens=3, progress=False)
+    assert answered[0]["model_response"] == expected
+
+
+def test_the_dataset_refuses_a_malformed_record_naming_its_index(tiktoken_gpt2):
+    with pytest.raises(InstructionDataError, match="record 1 field 'output' is a int"):
+        InstructionDataset([WITH_INPUT, {**WITHOUT_INPUT, "output": 3}], tiktoken_gpt2)
+    with pytest.raises(InstructionDataError, match="record 0 has no 'input' key"):
+        InstructionDataset([{"instruction": "x", "output": "y"}], tiktoken_gpt2)
+
+
 def test_dataset_items_are_the_whole_texts_tokens_and_the_prompts_length(splits, tiktoken_gpt2):
     entries = splits[1][:20]
     dataset = InstructionDataset(entries, tiktoken_gpt2, return_prompt_length=True)
@@ -213,6 +269,25 @@ def test_generate_responses_creates_the_folder_of_out_path(answer_model, tiktoke
 def test_generate_responses_refuses_a_bad_batch_size(answer_model, tiktoken_gpt2):
     with pytest.raises(ValueError, match="batch_size"):
         generate_responses(answer_model, tiktoken_gpt2, [WITH_INPUT], batch_size=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        generate_responses(answer_model, tiktoken_gpt2, [WITH_INPUT], max_new_tokens=1.5)
+
+
+def test_generate_responses_warns_once_about_prompts_longer_than_the_context(answer_model, tiktoken_gpt2):
+    # given two entries whose prompts are longer than the model's 128-token context, and a short one
+    long_entries = [{**WITHOUT_INPUT, "instruction": " ".join(["word"] * n)} for n in (130, 150)]
+    lengths = [len(tiktoken_gpt2.encode(format_input(e) + "\n\n### Response:\n")) for e in long_entries]
+    # when they are answered, then one warning gives how many prompts were cropped and by how much at most
+    with pytest.warns(UserWarning) as caught:
+        answered = generate_responses(answer_model, tiktoken_gpt2, [*long_entries, WITH_INPUT], max_new_tokens=1,
+                                      progress=False)
+    assert len(caught) == 1 and len(answered) == 3
+    assert str(caught[0].message).startswith(f"generate_responses: 2 of 3 prompts are longer than the 128-token "
+                                             f"context and are cropped from the left, by up to {max(lengths) - 128} "
+                                             "tokens")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # prompts that fit: no warning
+        generate_responses(answer_model, tiktoken_gpt2, [WITH_INPUT], max_new_tokens=1, progress=False)
 
 
 # --- ROUGE-L ------------------------------------------------------------------------------------------
