@@ -135,6 +135,9 @@ def _read_rope(hf: dict, config_path: Path) -> tuple[float, RopeScaling | None]:
         theta = hf.get("rope_theta", 10000.0)
     if not isinstance(params, dict):
         raise WeightsError(f"{config_path}: {where} must be a JSON object of rotary settings, got {params!r}")
+    if any(isinstance(value, dict) for value in params.values()):  # one setting per kind of layer
+        raise WeightsError(f"{config_path}: {where} gives different rotary settings per kind of layer "
+                           f"({', '.join(params)}); ModernModel rotates every layer alike")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise WeightsError(f"{config_path}: {where}.partial_rotary_factor {params['partial_rotary_factor']} "

@@ -328,21 +328,22 @@ def test_loading_in_bfloat16_gives_bfloat16_weights_close_to_float32(reference_a
 
 def test_cached_decoding_gives_the_logits_of_one_full_pass():
     # given a random model and a sequence
-    cfg = _tiny(rope_scaling=LLAMA3_SCALING)
+    cfg = _tiny(context_length=96, rope_scaling=LLAMA3_SCALING)
     torch.manual_seed(0)
     model = ModernModel(cfg).eval()
-    ids = _ids(cfg, n_tokens=40)
+    ids = _ids(cfg, n_tokens=80)
 
     # when the sequence goes in one pass, and as a prompt of 7, chunks of 3 and single tokens through a cache
+    # (which grows from 64 positions to 96 on the way, copying what it holds)
     with torch.no_grad():
         full = model(ids)
         cache = model.new_kv_cache()
         pieces = [model(ids[:, :7], cache)]
         pieces += [model(ids[:, start:start + 3], cache) for start in range(7, 19, 3)]
-        pieces += [model(ids[:, position:position + 1], cache) for position in range(19, 40)]
+        pieces += [model(ids[:, position:position + 1], cache) for position in range(19, 80)]
 
     # then every position's logits agree (the cached keys were rotated at their absolute positions)
-    assert cache.length == 40
+    assert cache.length == 80 and cache.layers[0].keys.shape[2] == 96
     assert _max_diff(torch.cat(pieces, dim=1), full) < 1e-5
 
 
@@ -523,6 +524,7 @@ def test_a_qwen3_checkpoint_given_to_load_llama_says_which_loader_to_use(qwen_fo
     (lambda c: c.update(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}),
      "rope_scaling.rope_type 'dynamic'"),
     (lambda c: c["rope_parameters"].update(rope_type="llama3", factor=8.0), "lacks low_freq_factor"),
+    (lambda c: c.update(rope_parameters={"full_attention": c["rope_parameters"]}), "per kind of layer"),
     (lambda c: c.update(hidden_act="gelu"), "hidden_act is 'gelu'"),
     (lambda c: c.update(attention_bias=True), "attention_bias is True"),
     (lambda c: c.pop("intermediate_size"), "lacks intermediate_size"),
