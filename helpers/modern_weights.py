@@ -138,6 +138,8 @@ def _read_rope(hf: dict, config_path: Path) -> tuple[float, RopeScaling | None]:
     if any(isinstance(value, dict) for value in params.values()):  # one setting per kind of layer
         raise WeightsError(f"{config_path}: {where} gives different rotary settings per kind of layer "
                            f"({', '.join(params)}); ModernModel rotates every layer alike")
+    if isinstance(theta, int) and not isinstance(theta, bool):  # Qwen3's config.json writes 1000000
+        theta = float(theta)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise WeightsError(f"{config_path}: {where}.partial_rotary_factor {params['partial_rotary_factor']} "

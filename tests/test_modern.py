@@ -444,6 +444,30 @@ def test_presets_have_the_published_parameter_counts(name, published):
     assert count_parameters(ours) == sum(parameter.numel() for parameter in theirs.parameters()) == published
 
 
+PUBLISHED_CONFIGS = {  # the sizes of the hub's config.json files (written by transformers 4.x)
+    "qwen3-0.6b": {"model_type": "qwen3", "attention_bias": False, "head_dim": 128, "hidden_act": "silu",
+                   "hidden_size": 1024, "intermediate_size": 3072, "max_position_embeddings": 40960,
+                   "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
+                   "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
+                   "tie_word_embeddings": True, "use_sliding_window": False, "vocab_size": 151936},
+    "llama3.2-1b": {"model_type": "llama", "attention_bias": False, "head_dim": 64, "hidden_act": "silu",
+                    "hidden_size": 2048, "intermediate_size": 8192, "max_position_embeddings": 131072,
+                    "mlp_bias": False, "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+                    "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": True, "vocab_size": 128256,
+                    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_CONFIGS)
+def test_the_published_config_json_reads_into_the_preset(name, tmp_path):
+    from helpers.modern_weights import LLAMA, QWEN3, _read_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(PUBLISHED_CONFIGS[name]))
+    assert _read_config(path, QWEN3 if name.startswith("qwen") else LLAMA) == MODERN_CONFIGS[name]
+
+
 def test_config_round_trips_through_a_dict():
     cfg = MODERN_CONFIGS["llama3.2-1b"]
     as_dict = json.loads(json.dumps(cfg.to_dict()))
