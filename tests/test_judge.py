@@ -49,10 +49,18 @@ class _Judge(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    """A loopback test server that stays quiet when a client hangs up mid-answer (as a timed-out judge call does)."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass
+
+
 @pytest.fixture
 def judge_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", 0), _Judge)
     server.requests, server.replies, server.delay = [], ["50"], 0.0
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -127,3 +135,175 @@ def test_judge_reports_a_missing_model(judge_server, capsys):
     assert judge_responses(ANSWERED, url=f"{judge_server.url}/api/chat", timeout=5, progress=False) == [None, None]
     message = capsys.readouterr().out
     assert "HTTP 404" in message and "ollama pull llama3" in message
+
+
+# --- replies the client must survive: each test's server writes its own bytes ---------------------------
+
+
+class _Scripted(BaseHTTPRequestHandler):
+    """A server whose every answer is ``server.answer(handler)``; it records (method, path, headers) of each request."""
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.seen.append((self.command, self.path, dict(self.headers)))
+        self.server.answer(self)
+
+    do_GET = do_POST  # noqa: N815 (http.server's name)
+
+    def log_message(self, *args):
+        pass
+
+
+def _send(handler, status, data=b"", headers=()):
+    handler.send_response(status)
+    for name, value in {"Content-Length": str(len(data)), **dict(headers)}.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+@pytest.fixture
+def serve():
+    """Start a scripted server on 127.0.0.1 (a new port, so a new origin, each call); all stop at the end."""
+    servers = []
+
+    def start(answer):
+        server = _Server(("127.0.0.1", 0), _Scripted)
+        server.answer, server.seen, server.url = answer, [], f"http://127.0.0.1:{server.server_address[1]}"
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_and_the_key_never_leaves_the_judges_origin(serve, status, capsys):
+    elsewhere = serve(lambda handler: _send(handler, 200, json.dumps({"message": {"content": "100"}}).encode()))
+    judge = serve(lambda handler: _send(handler, status, headers=[("Location", f"{elsewhere.url}/api/chat")]))
+
+    scores = judge_responses(ANSWERED, url=f"{judge.url}/api/chat", api_key="secret-key", timeout=5, progress=False)
+
+    assert scores == [None, None]
+    assert elsewhere.seen == []  # not asked at all, so it never saw the Authorization header
+    assert len(judge.seen) == 1 and judge.seen[0][2]["Authorization"] == "Bearer secret-key"
+    message = capsys.readouterr().out
+    assert f"HTTP {status}" in message and "redirect" in message and elsewhere.url in message and "url=" in message
+    assert "secret-key" not in message
+
+
+@pytest.mark.parametrize("part", ["status line", "body"])
+def test_timeout_bounds_the_whole_request_when_the_server_drips_its_answer(serve, part, capsys):
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 48\r\n\r\n"
+
+    def drip(handler):  # one byte every 0.25 s, 12 s at most
+        handler.wfile.write(head if part == "body" else b"")
+        for byte in (b" " * 48 if part == "body" else head):
+            handler.wfile.write(bytes([byte]))
+            time.sleep(0.25)
+
+    server = serve(drip)
+    start = time.monotonic()
+    scores = judge_responses(ANSWERED[:1], url=f"{server.url}/api/chat", timeout=1, retries=0, progress=False)
+    assert time.monotonic() - start < 2
+    assert scores == [None]
+    assert "did not answer within 1 s" in capsys.readouterr().out
+
+
+def test_a_huge_reply_is_not_read_whole(serve, capsys):
+    size, chunk, sent = 60 * 2**20, b" " * 2**16, []
+
+    def flood(handler):
+        _send(handler, 200, headers=[("Content-Length", str(size))])  # the header, then the promised bytes
+        for _ in range(size // len(chunk)):
+            handler.wfile.write(chunk)
+            sent.append(len(chunk))
+
+    server = serve(flood)
+    scores = judge_responses(ANSWERED[:1], url=f"{server.url}/api/chat", timeout=30, progress=False)
+    assert scores == [None]
+    assert len(server.seen) == 1  # a server that floods is not asked again
+    assert sum(sent) < size // 2
+    message = capsys.readouterr().out
+    assert "more than" in message and "bytes" in message
+
+
+OLLAMA, OPENAI = "/api/chat", "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(("path", "reply", "reason"), [
+    (OLLAMA, b'{"message": {"role": "assistant", "content": null}, "done": true}', "content is null"),
+    (OLLAMA, b'{"message": {"role": "assistant", "content": 85}, "done": true}', "content is a number"),
+    (OLLAMA, b"85", "reply is a number"),
+    (OLLAMA, b'[{"message": {"content": "85"}}]', "reply is an array"),
+    (OLLAMA, b'{"message": {"content": "8\xff5"}}', "UTF-8"),
+    (OLLAMA, b'{"model": "llama3", "done": true}', "no 'message'"),
+    (OLLAMA, b'{"message": {"content": "8', "not JSON"),
+    (OLLAMA, b"[" * 100_000, "not JSON"),
+    (OLLAMA, b'{"message": {"content": "8"}}\n{"message": {"content"', "not JSON"),
+    (OLLAMA, b'{"error": "model runner ran out of memory"}', "ran out of memory"),
+    (OPENAI, b'{"choices": [{"message": {"role": "assistant", "content": null}}]}', "content is null"),
+    (OPENAI, b'{"choices": [{"message": {"role": "assistant", "content": 85}}]}', "content is a number"),
+    (OPENAI, b'{"choices": []}', "choices[0].message"),
+    (OPENAI, b'{"choices": "85"}', "choices[0].message"),
+    (OPENAI, b"null", "reply is null"),
+])
+def test_a_malformed_reply_is_no_score_with_the_reason_never_an_exception(serve, path, reply, reason, capsys):
+    server = serve(lambda handler: _send(handler, 200, reply))
+    scores = judge_responses(ANSWERED[:1], url=server.url + path, timeout=5, progress=False)
+    assert scores == [None]
+    assert len(server.seen) == 2  # asked again once, as for a reply that is not a score
+    message = capsys.readouterr().out
+    assert "entry 0" in message and reason in message
+
+
+def test_a_reply_cut_short_is_no_score_with_the_reason(serve, capsys):
+    server = serve(lambda handler: handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"mess"))
+    assert judge_responses(ANSWERED[:1], url=f"{server.url}/api/chat", timeout=5, progress=False) == [None]
+    assert "cut short" in capsys.readouterr().out
+
+
+def test_a_reply_that_is_not_a_score_says_so(judge_server, capsys):
+    judge_server.replies = ["about ninety"]
+    assert judge_responses(ANSWERED[:1], url=f"{judge_server.url}/api/chat", timeout=5, progress=False) == [None]
+    assert "entry 0" in capsys.readouterr().out
+
+
+# --- arguments --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arguments", "name"), [
+    ({"retries": -1}, "retries"), ({"retries": 1.5}, "retries"), ({"retries": True}, "retries"),
+    ({"retries": None}, "retries"),
+    ({"timeout": 0}, "timeout"), ({"timeout": -1}, "timeout"), ({"timeout": float("nan")}, "timeout"),
+    ({"timeout": float("inf")}, "timeout"), ({"timeout": 1e12}, "timeout"), ({"timeout": "5"}, "timeout"),
+    ({"timeout": True}, "timeout"), ({"timeout": None}, "timeout"),
+    ({"url": "ftp://127.0.0.1/api/chat"}, "url"), ({"url": "localhost:11434/api/chat"}, "url"),
+    ({"url": "http://127.0.0.1:port/api/chat"}, "url"), ({"url": None}, "url"),
+    ({"model": ""}, "model"), ({"model": None}, "model"),
+    ({"api_key": "key\r\nX-Injected: 1"}, "api_key"), ({"api_key": 123}, "api_key"),
+])
+def test_bad_arguments_are_refused_before_any_request_naming_them(judge_server, arguments, name):
+    arguments = {"url": f"{judge_server.url}/api/chat", **arguments}
+    with pytest.raises((TypeError, ValueError), match=name):
+        judge_responses(ANSWERED, **arguments, progress=False)
+    assert judge_server.requests == []
+
+
+@pytest.mark.parametrize(("entry", "error", "words"), [
+    ({"instruction": "Name a color.", "input": "", "model_response": "Red."}, KeyError, "entry 1 has no 'output'"),
+    ({"input": "", "output": "Red.", "model_response": "Red."}, KeyError, "entry 1 has no 'instruction'"),
+    ("Red.", TypeError, "entry 1 is a str"),
+])
+def test_entries_missing_what_the_prompt_needs_are_refused_before_any_request(judge_server, entry, error, words):
+    with pytest.raises(error, match=words):
+        judge_responses([ANSWERED[0], entry], url=f"{judge_server.url}/api/chat", progress=False)
+    assert judge_server.requests == []
+
+
+def test_parse_score_refuses_what_is_not_text():
+    with pytest.raises(TypeError, match="text"):
+        parse_score(None)
