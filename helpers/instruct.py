@@ -275,14 +275,23 @@ def _words(text: str) -> list[str]:
 
 
 def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence of ``a`` and ``b`` (one row of the table at a time)."""
-    previous = [0] * (len(b) + 1)
+    """Length of the longest common subsequence of ``a`` and ``b``, the table's rows as bits (Allison-Dix, Hyyrö).
+
+    Row ``i`` of the textbook table holds the LCS of ``a[:i]`` with each prefix of ``b``; it never
+    drops and rises by at most one per column, so it is stored as bits: bit ``j`` of ``row`` is 0 where
+    the row rises at ``b[j]``, and the LCS is the number of 0 bits. One word of ``a`` updates the whole
+    row with a few big-integer operations, not ``len(b)`` Python steps: the same number, 20x (100 words)
+    to 270x (3,000 words) sooner (benchmarks/rouge_speed.py).
+    """
+    where: dict[str, int] = {}  # word -> the bits of its positions in b
+    for j, word in enumerate(b):
+        where[word] = where.get(word, 0) | 1 << j
+    all_ones = (1 << len(b)) - 1
+    row = all_ones  # row 0: the LCS with an empty prefix of a is 0 everywhere, no rise
     for word in a:
-        current = [0]
-        for j, other in enumerate(b):
-            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
+        matches = row & where.get(word, 0)
+        row = ((row + matches) | (row - matches)) & all_ones
+    return len(b) - row.bit_count()
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -290,6 +299,9 @@ def rouge_l(candidate: str, reference: str) -> float:
 
     Precision and recall are the longest common subsequence's length over each text's word count.
     """
+    for name, text in (("candidate", candidate), ("reference", reference)):
+        if not isinstance(text, str):
+            raise TypeError(f"rouge_l's {name} must be a string, got a {type(text).__name__}")
     cand, ref = _words(candidate), _words(reference)
     if not cand or not ref:
         return 0.0
@@ -308,6 +320,10 @@ def mean_rouge_l(entries: Sequence[dict], response_key: str = "model_response", 
     if missing is not None:
         raise KeyError(f"entry {missing} has no '{response_key}' or '{reference_key}'; "
                        "answer the entries with generate_responses first")
+    for index, entry in enumerate(entries):
+        for key in (response_key, reference_key):
+            if not isinstance(entry[key], str):
+                raise TypeError(f"entry {index}'s '{key}' is a {type(entry[key]).__name__}, expected a string")
     return sum(rouge_l(e[response_key], e[reference_key]) for e in entries) / len(entries)
 
 

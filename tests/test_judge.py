@@ -1,16 +1,20 @@
-"""Tests for helpers.judge: the LLM-judge client against fake chat servers on 127.0.0.1."""
+"""Tests for scoring Part 09's answers: the LLM-judge client (fake chat servers on 127.0.0.1) and ROUGE-L."""
 
 from __future__ import annotations
 
 import json
+import random
+import re
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from helpers.instruct import judge_responses, parse_score
+from helpers.instruct import judge_responses, mean_rouge_l, parse_score, rouge_l
 
 WITH_INPUT = {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
               "output": "The car is as fast as lightning."}
@@ -307,3 +311,51 @@ def test_entries_missing_what_the_prompt_needs_are_refused_before_any_request(ju
 def test_parse_score_refuses_what_is_not_text():
     with pytest.raises(TypeError, match="text"):
         parse_score(None)
+
+
+# --- ROUGE-L --------------------------------------------------------------------------------------------
+
+
+def _textbook_rouge_l(candidate, reference):
+    """ROUGE-L F1 by the longest-common-subsequence table, row by row: what rouge_l computed before."""
+    cand, ref = (re.findall(r"\w+", text.lower()) for text in (candidate, reference))
+    previous = [0] * (len(ref) + 1)
+    for word in cand:
+        current = [0]
+        for j, other in enumerate(ref):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+@pytest.mark.slow  # the textbook table of 3,000 x 3,000 words: a few seconds on a busy machine
+def test_rouge_l_of_two_3000_word_texts_is_exactly_the_textbook_value():
+    rng = random.Random(0)
+    vocabulary = ["the", "a", "of", "to", "and", "in", "is", "it", "that", "was"] + [f"word{i}" for i in range(30)]
+    candidate, reference = (" ".join(rng.choices(vocabulary, k=3000)) for _ in range(2))
+    assert rouge_l(candidate, reference) == _textbook_rouge_l(candidate, reference)
+
+
+@given(st.lists(st.sampled_from(["a", "b", "c", "B", "ab", "x_1", "é"]), max_size=150),
+       st.lists(st.sampled_from(["a", "b", "c", "A", "ab", "x_1", "é", "!"]), max_size=150))
+def test_rouge_l_equals_the_textbook_value_on_any_word_lists(candidate, reference):
+    candidate, reference = " ".join(candidate), ", ".join(reference)
+    assert rouge_l(candidate, reference) == _textbook_rouge_l(candidate, reference)
+
+
+@pytest.mark.parametrize(("candidate", "reference", "name"), [
+    (None, "Red.", "candidate"), ("Red.", None, "reference"), (b"Red.", "Red.", "candidate"), ("Red.", 3, "reference"),
+])
+def test_rouge_l_refuses_what_is_not_text_naming_the_argument(candidate, reference, name):
+    with pytest.raises(TypeError, match=name):
+        rouge_l(candidate, reference)
+
+
+def test_mean_rouge_l_names_the_entry_whose_answer_is_not_text():
+    entries = [{"model_response": "Red.", "output": "Red."}, {"model_response": None, "output": "Red."}]
+    with pytest.raises(TypeError, match="entry 1.*model_response"):
+        mean_rouge_l(entries)
