@@ -125,50 +125,59 @@ def _check_arguments(entries: Sequence[dict], url: object, model: object, timeou
 # one request: no redirects, one deadline, a bounded reply
 
 
-def _post(judge: _Judge, data: bytes, headers: dict[str, str]) -> tuple[int, str | None, bytes]:
-    """POST ``data`` to the judge; return the status, the Location header, and the body's first bytes.
+def _exchange(connection: http.client.HTTPConnection, target: str, data: bytes, headers: dict[str, str],
+              expired: threading.Event) -> tuple[int, str | None, bytes]:
+    """POST ``data`` to ``target``: the status, the Location header, the body (up to ``MAX_REPLY_BYTES + 1`` bytes)."""
+    connection.connect()
+    if expired.is_set():  # time ran out while connecting, before there was a socket to cut
+        raise TimeoutError
+    connection.request("POST", target, body=data, headers=headers)
+    response = connection.getresponse()
+    body = response.read(MAX_REPLY_BYTES + 1)
+    if response.length and len(body) <= MAX_REPLY_BYTES:  # fewer bytes came than Content-Length promised
+        raise http.client.IncompleteRead(body, response.length)
+    return response.status, response.getheader("Location"), body
 
-    At most ``MAX_REPLY_BYTES + 1`` bytes are read. Redirects are not followed. A watchdog shuts the
-    socket down when ``timeout`` seconds have passed, so a server that drips its answer byte by byte
-    cannot hold the call longer; that, like a socket timeout, raises ``_TimedOut``.
+
+def _post(judge: _Judge, data: bytes, headers: dict[str, str]) -> tuple[int, str | None, bytes]:
+    """``_exchange`` with the judge, over in ``timeout`` seconds whatever the server does; redirects are not followed.
+
+    The exchange runs on a worker thread that this one waits for at most ``timeout`` seconds (name
+    lookup, connecting, sending, every byte of the reply); then the socket is shut down, which ends
+    the worker's blocked read, and ``_TimedOut`` is raised.
     """
     parts = urllib.parse.urlsplit(judge.url)
     kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     connection = kind(parts.hostname, parts.port, timeout=judge.timeout)
-    expired = threading.Event()
+    target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    expired, outcome = threading.Event(), []
 
-    def cut() -> None:  # wakes a read blocked on the socket; it then fails and ``expired`` says why
+    def work() -> None:
+        try:
+            outcome.append(_exchange(connection, target, data, headers, expired))
+        except Exception as error:  # handed to the waiting thread, which says what it means
+            outcome.append(error)
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=work, name="judge request", daemon=True)
+    worker.start()
+    worker.join(judge.timeout)
+    if worker.is_alive() or isinstance(outcome[0], TimeoutError):
         expired.set()
         if connection.sock is not None:
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
-
-    watchdog = threading.Timer(judge.timeout, cut)
-    watchdog.start()
-    try:
-        connection.connect()
-        if expired.is_set():  # the watchdog fired while connecting, before there was a socket to cut
-            raise TimeoutError
-        connection.request("POST", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
-                           body=data, headers=headers)
-        response = connection.getresponse()
-        body = response.read(MAX_REPLY_BYTES + 1)
-        if expired.is_set():  # a reply without Content-Length simply ends when the socket is cut
-            raise TimeoutError
-        if response.length and len(body) <= MAX_REPLY_BYTES:  # fewer bytes came than Content-Length promised
-            raise http.client.IncompleteRead(body, response.length)
-        return response.status, response.getheader("Location"), body
-    except (OSError, http.client.HTTPException) as error:
-        if expired.is_set() or isinstance(error, TimeoutError):
-            raise _TimedOut(f"the judge at {judge.url} did not answer within {judge.timeout:g} s; "
-                            "pass a larger timeout=") from None
-        if isinstance(error, http.client.IncompleteRead):
-            raise _Unreadable(f"the reply was cut short ({error})") from None
-        raise JudgeUnavailable(f"no judge answered at {judge.url} ({error}). Start Ollama (`ollama serve`) and "
-                               f"`ollama pull {judge.model}`, or pass url= for another chat server") from None
-    finally:
-        watchdog.cancel()
-        connection.close()
+        raise _TimedOut(f"the judge at {judge.url} did not answer within {judge.timeout:g} s; pass a larger timeout=")
+    result = outcome[0]
+    if isinstance(result, http.client.IncompleteRead):
+        raise _Unreadable(f"the reply was cut short ({result})")
+    if isinstance(result, (OSError, http.client.HTTPException)):
+        raise JudgeUnavailable(f"no judge answered at {judge.url} ({result}). Start Ollama (`ollama serve`) and "
+                               f"`ollama pull {judge.model}`, or pass url= for another chat server")
+    if isinstance(result, Exception):  # a bug, not the server: let it show
+        raise result
+    return result
 
 
 def _request_body(judge: _Judge, prompt: str) -> dict:
