@@ -88,13 +88,15 @@ class _Judge:
 
 
 def _valid_url(url: object) -> bool:
+    """Whether ``url`` is a printable http:// or https:// address with a host (and a port from 1 to 65535, if any)."""
     if not isinstance(url, str) or not url.isprintable():
         return False
+    parts = urllib.parse.urlsplit(url)
     try:
-        parts = urllib.parse.urlsplit(url)
-        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
-    except ValueError:  # a port that is not a number
+        port = parts.port  # a ValueError when it is not a number from 0 to 65535
+    except ValueError:
         return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
 
 
 def _check_arguments(entries: Sequence[dict], url: object, model: object, timeout: object, retries: object,
@@ -108,9 +110,10 @@ def _check_arguments(entries: Sequence[dict], url: object, model: object, timeou
     if not (isinstance(timeout, numbers.Real) and not isinstance(timeout, bool) and 0 < timeout <= MAX_TIMEOUT):
         raise ValueError(f"timeout must be a number of seconds > 0 and at most {MAX_TIMEOUT:g}, got {timeout!r}")
     check_count("retries", retries, minimum=0)
-    if api_key is not None and not (isinstance(api_key, str) and api_key.isprintable()):
-        raise ValueError(f"api_key must be a string of printable characters or None, got a {type(api_key).__name__} "
-                         "that is not")  # the key itself is never shown
+    if api_key is not None and not isinstance(api_key, str):
+        raise ValueError(f"api_key must be a string or None, got a {type(api_key).__name__}")
+    if api_key is not None and not api_key.isprintable():  # the key itself is never shown
+        raise ValueError("api_key holds a line break or another control character; pass the key alone")
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise TypeError(f"entry {index} is a {type(entry).__name__}, expected a dict with keys {_ENTRY_KEYS}")
@@ -205,7 +208,7 @@ def _ask(judge: _Judge, prompt: str) -> str:
                                "pass the address it names as url= if you trust it")
     if not 200 <= status < 300:
         detail = body[:200].decode("utf-8", "replace").strip() or http.client.responses.get(status, "")
-        raise JudgeUnavailable(f"the judge at {judge.url} answered HTTP {status}: {detail}. "
+        raise JudgeUnavailable(f"the judge at {judge.url} answered HTTP {status}: {detail!r}. "
                                f"If the model is missing, run `ollama pull {judge.model}` or pass model=...")
     if len(body) > MAX_REPLY_BYTES:
         raise JudgeUnavailable(f"the judge at {judge.url} sent more than {MAX_REPLY_BYTES:,} bytes for one score "
@@ -304,7 +307,7 @@ def judge_responses(entries: Sequence[dict], url: str = "http://localhost:11434/
     why. A reply that is not exactly one integer from 0 to 100, or that cannot be read (not UTF-8, not
     JSON, no message, content that is not text, cut short), is asked again ``retries`` times, then that
     entry is None. When the server cannot be used (unreachable, an HTTP error, a redirect, which is
-    never followed, a reply over ``MAX_REPLY_BYTES``, or a timeout on every try) the remaining entries
+    never followed, a reply over ``MAX_REPLY_BYTES``, or a timeout on the last try) the remaining entries
     are None. Bad arguments raise before any request: ``ValueError`` naming the argument, ``KeyError``
     or ``TypeError`` naming the entry.
     """
