@@ -8,12 +8,14 @@ After training, ``merge_lora`` folds ``A B`` into the weight and the adapters di
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
-from helpers.runtime import check_count
+from helpers.model import GPTModel
+from helpers.runtime import check_count, unwrap_model
 
 __all__ = ["LoRALinear", "apply_lora", "merge_lora"]
 
@@ -85,7 +87,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     The merged model computes the same outputs (up to float rounding) without the adapters' extra
     matrix products. Each merged weight is a new tensor, so a weight the layer shared (a head tied
-    to the embedding) is not changed for its other user.
+    to the embedding) is not changed for its other user; a GPTModel whose head was tied gets a
+    config with ``tie_weights=False``, so that saving it keeps the merged head.
     """
     wrapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, LoRALinear)]
@@ -96,4 +99,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
         old = linear.weight
         linear.weight = nn.Parameter(old + lora.delta_weight(), requires_grad=old.requires_grad)
         setattr(parent, name, linear)
+    _untie_config(model)
     return model
+
+
+def _untie_config(model: nn.Module) -> None:
+    """Make a GPTModel's config say ``tie_weights=False`` once its head no longer is the embedding.
+
+    Savers and loaders read the config, not the tensors: a config still saying "tied" would make them
+    write (or restore) the embedding as the head and drop the merged update.
+    """
+    core = unwrap_model(model)
+    if isinstance(core, GPTModel) and core.cfg.tie_weights and core.out_head.weight is not core.tok_emb.weight:
+        core.cfg = dataclasses.replace(core.cfg, tie_weights=False)

@@ -352,6 +352,8 @@ def _load_ours(tensors: _Tensors, source: str, device: torch.device, dtype: torc
     if cfg is None:
         raise WeightsError(f"{source} uses GPTModel's tensor names but records no config in its metadata; load it "
                            "with helpers.checkpoint.load_checkpoint into a model you build")
+    if cfg.tie_weights and _holds_own_head(tensors):  # the tensors are the truth: e.g. a merged LoRA head
+        cfg = dataclasses.replace(cfg, tie_weights=False)
     with torch.device("meta"):
         model = GPTModel(cfg)
     expected = dict(model.named_parameters(remove_duplicate=False))
@@ -364,6 +366,12 @@ def _load_ours(tensors: _Tensors, source: str, device: torch.device, dtype: torc
     if cfg.tie_weights and "tok_emb.weight" not in state and "out_head.weight" in state:
         state["tok_emb.weight"] = state["out_head.weight"]
     return _assign(model, state, source)
+
+
+def _holds_own_head(tensors: _Tensors) -> bool:
+    """Whether a file of our names holds an output head that differs from its token embedding."""
+    both = {"tok_emb.weight", "out_head.weight"} <= tensors.names()
+    return both and not torch.equal(tensors.get("tok_emb.weight"), tensors.get("out_head.weight"))
 
 
 def _check_shape(source: str, name: str, actual: list[int], expected: list[int]) -> None:
@@ -468,11 +476,31 @@ def _hf_config(cfg: GPTConfig) -> dict:
     }
 
 
+def _check_plain_gpt(model: GPTModel, params: dict[str, torch.nn.Parameter]) -> None:
+    """Refuse a model GPT-2's layout cannot hold: a class head, LoRA adapters, a head its config misstates."""
+    classes = getattr(model, "num_classes", None)  # the mark helpers.classify.prepare_for_classification sets
+    if classes is not None:
+        raise WeightsError(f"save_hf_gpt2: this model is a classifier (its out_head has {classes} outputs, not one per "
+                           "token), which GPT-2's layout cannot hold; save it with helpers.checkpoint.save_checkpoint "
+                           "and load it with load_checkpoint into a model prepared the same way")
+    with torch.device("meta"):
+        plain = dict(GPTModel(model.cfg).named_parameters(remove_duplicate=False))
+    odd = sorted(set(params) ^ set(plain))
+    if odd:
+        raise WeightsError(f"save_hf_gpt2: the model has {odd[0]}, which GPTModel has not (LoRA adapters or another "
+                           "wrapped layer) and GPT-2's layout cannot store; call helpers.lora.merge_lora(model) first")
+    if model.cfg.tie_weights and params["out_head.weight"] is not params["tok_emb.weight"]:
+        raise WeightsError("save_hf_gpt2: the model's config says tie_weights=True but its out_head is not its token "
+                           "embedding; set model.cfg = dataclasses.replace(model.cfg, tie_weights=False) first")
+
+
 def save_hf_gpt2(model: GPTModel, directory: str | os.PathLike) -> Path:
     """Write ``model`` in GPT-2's Hugging Face layout (``config.json`` + ``model.safetensors``); return the folder.
 
     ``transformers.GPT2LMHeadModel.from_pretrained(directory)`` and ``load_gpt2(directory)`` both
     load it. A model without qkv bias gets zero biases (GPT-2 always has them), which computes the same.
+    A classifier, a model with LoRA adapters (merge them first) or one whose config says its head is
+    tied when it is not raises ``WeightsError`` before anything is written.
     Each file is written to a temporary name and renamed into place.
     """
     model = unwrap_model(model)
@@ -482,6 +510,7 @@ def save_hf_gpt2(model: GPTModel, directory: str | os.PathLike) -> Path:
     if directory.exists() and not directory.is_dir():
         raise WeightsError(f"save_hf_gpt2: {directory} exists and is not a folder; pass a folder to write into")
     params = dict(model.named_parameters(remove_duplicate=False))
+    _check_plain_gpt(model, params)
     if any(param.is_meta for param in params.values()):
         raise WeightsError("save_hf_gpt2: the model's weights are on the meta device (no values); load or "
                            "initialise them first")

@@ -214,6 +214,28 @@ def test_prepare_for_classification_with_none_trains_everything_and_unties_the_h
     torch.testing.assert_close(model.tok_emb.weight, embedding, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("tie_weights", [False, True], ids=["untied", "tied"])
+def test_a_classifier_round_trips_through_a_checkpoint_with_its_logits(tmp_path, tie_weights):
+    # given a classifier made from a tied or untied model, its head moved away from its initial draw
+    from helpers.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=1, drop_rate=0.0,
+                    tie_weights=tie_weights)
+    torch.manual_seed(0)
+    model = prepare_for_classification(GPTModel(cfg)).eval()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+
+    # when it is saved and loaded into a model prepared the same way from its (untied) config
+    save_checkpoint(tmp_path / "classifier", model)
+    assert model.cfg.tie_weights is False
+    fresh = prepare_for_classification(GPTModel(model.cfg)).eval()
+    load_checkpoint(tmp_path / "classifier", fresh)
+
+    # then it reads the same classes
+    torch.testing.assert_close(class_logits(fresh, ids, pad_token_id=96), class_logits(model, ids, pad_token_id=96),
+                               rtol=0, atol=0)
+
+
 def test_prepare_for_classification_refuses_bad_arguments(tiny_model):
     with pytest.raises(ValueError, match="trainable_blocks=3 but the model has only 2 blocks"):
         prepare_for_classification(tiny_model, trainable_blocks=3)

@@ -600,3 +600,33 @@ def test_save_hf_gpt2_into_a_path_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(WeightsError, match="exists and is not a folder"):
         save_hf_gpt2(_random_gpt(tie_weights=True, qkv_bias=False), tmp_path / "taken")
+
+
+def _head_untied_behind_the_config() -> GPTModel:
+    """A tied model whose head was replaced by a matrix of its own while its config still says tied
+    (what merge_lora left before it learnt to update the config)."""
+    model = _random_gpt(tie_weights=True, qkv_bias=False)
+    with torch.no_grad():
+        model.out_head.weight = torch.nn.Parameter(model.tok_emb.weight + 0.1 * torch.randn_like(model.tok_emb.weight))
+    assert model.cfg.tie_weights
+    return model
+
+
+def test_a_checkpoint_that_says_tied_but_holds_its_own_head_loads_that_head(tmp_path):
+    # given such a model saved as a training checkpoint (its config says tied, the file holds two matrices)
+    from helpers.checkpoint import save_checkpoint
+
+    model = _head_untied_behind_the_config()
+    save_checkpoint(tmp_path / "ckpt", model)
+
+    # when load_gpt2 reads it, then the file's own head is used, not the embedding
+    back = load_gpt2(tmp_path / "ckpt")
+    ids = _ids(seed=12)
+    assert _max_diff(_our_logits(back, ids), _our_logits(model, ids)) <= 1e-5
+    assert not back.cfg.tie_weights
+
+
+def test_save_hf_gpt2_refuses_a_config_that_says_tied_when_the_head_is_not(tmp_path):
+    with pytest.raises(WeightsError, match=r"config says tie_weights=True but its out_head is not its token embedding"):
+        save_hf_gpt2(_head_untied_behind_the_config(), tmp_path / "export")
+    assert not (tmp_path / "export").exists()
