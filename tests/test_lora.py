@@ -248,3 +248,46 @@ def test_save_hf_gpt2_refuses_a_classifier_naming_what_saves_it(tmp_path, classi
     with pytest.raises(ValueError, match=r"a classifier \(its out_head has 2 outputs.*checkpoint\.save_checkpoint"):
         save_hf_gpt2(classifier, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments refused where they enter
+
+
+@pytest.mark.parametrize("rank, alpha, problem", [
+    (0, 1, "rank must be an integer >= 1, got 0"),
+    (float("nan"), 1, "rank must be an integer >= 1, got nan"),
+    (2.0, 1, "rank must be an integer >= 1, got 2.0"),
+    (True, 1, "rank must be an integer >= 1, got True"),
+    (9, 1, r"rank=9 is larger than the layer it adapts \(in_features=8, out_features=4\).*at most 4"),
+    (2, 0, "alpha must be a positive number"),
+    (2, float("nan"), "alpha must be a positive number"),
+    (2, float("inf"), "alpha must be a positive number"),
+    (2, "8", "alpha must be a positive number"),
+], ids=["rank-zero", "rank-nan", "rank-float", "rank-bool", "rank-above-the-layer", "alpha-zero", "alpha-nan",
+        "alpha-inf", "alpha-string"])
+def test_lora_linear_refuses_a_bad_rank_or_alpha_naming_it(rank, alpha, problem):
+    with pytest.raises(ValueError, match=problem):
+        LoRALinear(nn.Linear(8, 4), rank=rank, alpha=alpha)
+
+
+def test_a_rank_above_a_narrow_layer_but_within_its_width_is_taken_as_the_book_takes_it():
+    # the book wraps a 2-way class head with the model's rank: redundant for that layer, not wrong
+    lora = LoRALinear(nn.Linear(8, 2), rank=4, alpha=8)
+    assert lora.A.shape == (8, 4) and lora.B.shape == (4, 2)
+
+
+def test_apply_lora_refuses_a_rank_larger_than_the_layers_and_leaves_the_model_as_it_was(classifier, inputs):
+    # given a classifier whose layers are 32 to 128 features wide, every parameter trainable
+    before = _logits(classifier, inputs)
+
+    # when / then a rank above a layer's sizes, or a bad alpha, is refused naming the argument
+    with pytest.raises(ValueError, match=r"rank=200 is larger than the layer it adapts \(in_features=32"):
+        apply_lora(classifier, rank=200, alpha=8)
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        apply_lora(classifier, rank=2, alpha=float("nan"))
+
+    # and the refused calls changed nothing: no adapter, nothing frozen, the same outputs
+    assert not any(isinstance(module, LoRALinear) for module in classifier.modules())
+    assert all(parameter.requires_grad for parameter in classifier.parameters())
+    torch.testing.assert_close(_logits(classifier, inputs), before, rtol=0, atol=0)
