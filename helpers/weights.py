@@ -114,6 +114,18 @@ def _mapped_names(cfg: GPTConfig) -> dict[str, tuple[tuple[str, ...], Transform]
 # finding the files
 
 
+def _loads(text: str | bytes) -> object:
+    """``json.loads``, with a document nested too deeply for Python's parser refused as a ValueError.
+
+    Python's parser recurses once per level and raises RecursionError past about a thousand; the
+    callers turn ValueError into a WeightsError naming their file.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply to be parsed") from None
+
+
 def _download(name: str) -> tuple[Path, list[Path]]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -134,7 +146,7 @@ def _download(name: str) -> tuple[Path, list[Path]]:
 def _shard_files(index: Path) -> list[Path]:
     """The shard files a ``model.safetensors.index.json`` names, each checked to exist beside it."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _loads(index.read_text())["weight_map"]
         shard_names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise WeightsError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of tensor "
@@ -191,6 +203,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on the JSON header
+
+
 def _read_header(file: Path) -> tuple[dict, int, int]:
     """A safetensors file's JSON header, where its data starts, and how many bytes of data it holds."""
     try:
@@ -199,7 +214,10 @@ def _read_header(file: Path) -> tuple[dict, int, int]:
             header_length = struct.unpack("<Q", handle.read(8))[0]
             if header_length > size - 8:
                 raise ValueError(f"the header claims {header_length} bytes but the file has {size}")
-            header = json.loads(handle.read(header_length))
+            if header_length > _MAX_HEADER_BYTES:
+                raise ValueError(f"the header claims {header_length} bytes, more than safetensors allows "
+                                 f"({_MAX_HEADER_BYTES})")
+            header = _loads(handle.read(header_length))
     except (OSError, ValueError, struct.error) as error:
         raise WeightsError(f"{file} is truncated or not a safetensors file ({error}); download or save it "
                            "again") from error
@@ -287,7 +305,7 @@ _HF_SIZES = {"vocab_size": "vocab_size", "n_positions": "context_length", "n_emb
 def _read_hf_config(config_path: Path) -> tuple[dict, float]:
     """GPTConfig's sizes and the dropout rate that a Hugging Face GPT-2 ``config.json`` states."""
     try:
-        hf = json.loads(config_path.read_text())
+        hf = _loads(config_path.read_text())
     except (OSError, ValueError) as error:
         raise WeightsError(f"{config_path} cannot be read as JSON ({error}); restore the model's "
                            "config.json") from error
@@ -295,12 +313,28 @@ def _read_hf_config(config_path: Path) -> tuple[dict, float]:
     if missing:
         raise WeightsError(f"{config_path} lacks {', '.join(missing)}; a GPT-2 config.json states "
                            f"{', '.join(_HF_SIZES)}: restore the model's own config.json")
+    _check_value_types(config_path, hf)
     activation = hf.get("activation_function", "gelu_new")
     if activation not in {"gelu_new", "gelu_pytorch_tanh"}:
         raise WeightsError(f"{config_path}: activation_function {activation!r} is not GPT-2's tanh GELU")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise WeightsError(f"{config_path}: n_inner {hf['n_inner']} is not 4 x n_embd; GPTModel cannot hold it")
     return {ours: hf[key] for key, ours in _HF_SIZES.items()}, hf.get("resid_pdrop", 0.1)
+
+
+def _check_value_types(config_path: Path, hf: dict) -> None:
+    """Refuse a config.json value of the wrong JSON type (``"0.1"`` for a rate, ``12.0`` for a size), naming the key."""
+    def is_integer(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    expected = {key: ("an integer", is_integer) for key in _HF_SIZES}
+    expected["n_inner"] = ("an integer or null", lambda value: value is None or is_integer(value))
+    expected["resid_pdrop"] = ("a number", lambda value: is_integer(value) or isinstance(value, float))
+    expected["activation_function"] = ("a string", lambda value: isinstance(value, str))
+    for key, (kind, fits) in expected.items():
+        if key in hf and not fits(hf[key]):
+            raise WeightsError(f"{config_path}: {key} is {hf[key]!r} ({type(hf[key]).__name__}), not {kind}; "
+                               "restore the model's own config.json")
 
 
 def _infer_sizes(tensors: _Tensors) -> dict:
@@ -342,7 +376,7 @@ def _load_ours(tensors: _Tensors, source: str, device: torch.device, dtype: torc
                drop_rate: float | None) -> GPTModel:
     """A file written by helpers.train.save_checkpoint or helpers.pretrain: our own names."""
     try:
-        saved = json.loads(tensors.metadata.get("config") or "null")
+        saved = _loads(tensors.metadata.get("config") or "null")
         if drop_rate is not None and isinstance(saved, dict):
             saved = {**saved, "drop_rate": drop_rate}
         cfg = GPTConfig.from_dict(saved) if saved else None
