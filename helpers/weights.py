@@ -391,10 +391,13 @@ def _load_ours(tensors: _Tensors, source: str, device: torch.device, dtype: torc
     with torch.device("meta"):
         model = GPTModel(cfg)
     expected = dict(model.named_parameters(remove_duplicate=False))
+    unknown = sorted(tensors.names() - set(expected))
+    if unknown:  # what surgery leaves (see helpers.lora and helpers.classify)
+        raise WeightsError(f"{source} holds {unknown[0]}, which GPTModel does not have (LoRA adapters or a class "
+                           "head?); merge LoRA adapters with helpers.lora.merge_lora before saving, or load a "
+                           "classifier with helpers.checkpoint.load_checkpoint into a model prepared the same way")
     state = {}
     for name in tensors.names():
-        if name not in expected:
-            raise WeightsError(f"{source} holds {name}, which GPTModel does not have")
         _check_shape(source, name, tensors.shape(name), list(expected[name].shape))
         state[name] = tensors.get(name).to(device=device, dtype=dtype)
     if cfg.tie_weights and "tok_emb.weight" not in state and "out_head.weight" in state:
@@ -487,7 +490,7 @@ def load_gpt2(name_or_path: str | os.PathLike, device: torch.device | str | None
     config_path, files = _find_files(name_or_path)
     tensors = _Tensors(files)
     source = str(files[0] if len(files) == 1 else files[0].parent)
-    if tensors.names() & {"tok_emb.weight", "out_head.weight"}:  # GPTModel's own names (a tied file keeps one)
+    if tensors.names() & {"pos_emb.weight", "tok_emb.weight", "out_head.weight"}:  # GPTModel's own names
         return _load_ours(tensors, source, device, dtype, drop_rate)
     cfg = _config_from(config_path, tensors, drop_rate, source)
     return _load_hf_names(tensors, cfg, source, device, dtype)

@@ -291,3 +291,16 @@ def test_apply_lora_refuses_a_rank_larger_than_the_layers_and_leaves_the_model_a
     assert not any(isinstance(module, LoRALinear) for module in classifier.modules())
     assert all(parameter.requires_grad for parameter in classifier.parameters())
     torch.testing.assert_close(_logits(classifier, inputs), before, rtol=0, atol=0)
+
+
+def test_load_gpt2_refuses_a_checkpoint_of_an_unmerged_model_or_a_classifier_saying_what_to_do(tmp_path, classifier):
+    from helpers.checkpoint import save_checkpoint
+    from helpers.weights import load_gpt2
+
+    save_checkpoint(tmp_path / "adapted", apply_lora(_tiny_gpt(tie_weights=True), rank=2, alpha=4))
+    save_checkpoint(tmp_path / "classifier", classifier)
+
+    with pytest.raises(ValueError, match=r"holds blocks\.0\.att\.W_key\.A, .*helpers\.lora\.merge_lora before saving"):
+        load_gpt2(tmp_path / "adapted")
+    with pytest.raises(ValueError, match=r"holds out_head\.bias, .*load a classifier with helpers\.checkpoint"):
+        load_gpt2(tmp_path / "classifier")
