@@ -522,9 +522,9 @@ def _check_plain_gpt(model: GPTModel, params: dict[str, torch.nn.Parameter]) -> 
                            "and load it with load_checkpoint into a model prepared the same way")
     with torch.device("meta"):
         plain = dict(GPTModel(model.cfg).named_parameters(remove_duplicate=False))
-    odd = sorted(set(params) ^ set(plain))
-    if odd:
-        raise WeightsError(f"save_hf_gpt2: the model has {odd[0]}, which GPTModel has not (LoRA adapters or another "
+    extra = sorted(set(params) - set(plain))
+    if extra:
+        raise WeightsError(f"save_hf_gpt2: the model has {extra[0]}, which GPTModel has not (LoRA adapters or another "
                            "wrapped layer) and GPT-2's layout cannot store; call helpers.lora.merge_lora(model) first")
     if model.cfg.tie_weights and params["out_head.weight"] is not params["tok_emb.weight"]:
         raise WeightsError("save_hf_gpt2: the model's config says tie_weights=True but its out_head is not its token "
