@@ -8,11 +8,13 @@ through ``class_logits``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
+import numbers
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from helpers.data import fetch
 from helpers.model import GPTModel
 from helpers.runtime import check_count, eval_mode, unwrap_model
+from helpers.tokenizers import encode_user_text
 from helpers.train import TrainingDiverged
 
 __all__ = [
@@ -46,14 +49,27 @@ GPT2_PAD_ID = 50256  # <|endoftext|>: GPT-2 has no padding token, so the series 
 # the data
 
 
-def read_spam_collection(path=None) -> pd.DataFrame:
+def read_spam_collection(path: str | os.PathLike | None = None) -> pd.DataFrame:
     """All 5,574 rows of the SMS Spam Collection as a DataFrame with columns ``Label`` ("ham"/"spam") and ``Text``.
 
-    The file is tab-separated and its messages contain quote characters, so quoting is turned off
-    (pandas' default quoting would merge lines). ``path`` defaults to ``fetch("sms-spam")``.
+    Each line is a label, a tab and the message, read as it stands: quote characters are text, and
+    a tab inside a message stays in ``Text`` (a CSV reader would shift such a row into the index).
+    The index is the line number minus one. A line that is not a label and a tab raises ValueError
+    naming it. ``path`` defaults to ``fetch("sms-spam")``.
     """
-    path = fetch("sms-spam") if path is None else path
-    return pd.read_csv(path, sep="\t", header=None, names=["Label", "Text"], quoting=csv.QUOTE_NONE)
+    path = fetch("sms-spam") if path is None else Path(path)
+    lines = path.read_text(encoding="utf-8").removesuffix("\n").split("\n")
+    return pd.DataFrame([_spam_row(path, number, line.removesuffix("\r")) for number, line in enumerate(lines, 1)],
+                        columns=["Label", "Text"])
+
+
+def _spam_row(path: Path, number: int, line: str) -> tuple[str, str]:
+    """``(label, message)`` of one line of the collection: split at its first tab."""
+    label, tab, text = line.partition("\t")
+    if not tab or label not in LABELS:
+        raise ValueError(f"{path}, line {number}: expected {' or '.join(LABELS)}, a tab and the message, got "
+                         f"{line!r:.80}; restore the file (delete it and fetch('sms-spam') again)")
+    return label, text
 
 
 def load_spam_splits(seed: int = 123, train_frac: float = 0.7,
@@ -89,21 +105,26 @@ class SpamDataset(Dataset):
     """Token ids and class labels of a DataFrame's ``Text`` and ``Label`` columns, one message per item.
 
     Items are ``(ids, label)`` with ``ids`` unpadded; ``collate_classification`` pads each batch.
-    ``max_length`` truncates every message to its first ``max_length`` tokens; a message still longer
-    than ``context_length`` (the model's) is refused, naming both numbers.
+    Texts are encoded by ``encode_user_text`` (a literal ``<|endoftext|>`` is ordinary text). Labels
+    are "ham"/"spam" or integer class indices in ``range(num_classes)``; a row with another label or
+    a text that is not a string (NaN) is refused, naming the row. ``max_length`` truncates every
+    message to its first ``max_length`` tokens; a message still longer than ``context_length`` (the
+    model's) is refused, naming both numbers.
     """
 
     def __init__(self, df: pd.DataFrame, tokenizer, max_length: int | None = None,
-                 pad_token_id: int = GPT2_PAD_ID, *, context_length: int = 1024):
+                 pad_token_id: int = GPT2_PAD_ID, *, context_length: int = 1024, num_classes: int = len(LABELS)):
         missing = {"Text", "Label"} - set(df.columns)
         if missing:
             raise ValueError(f"the DataFrame needs the columns Text and Label; missing {sorted(missing)}")
         check_count("max_length", max_length, minimum=1, allow_none=True)
         check_count("context_length", context_length, minimum=1)
+        check_count("num_classes", num_classes, minimum=2)
         self.pad_token_id = pad_token_id
         self.max_length = max_length
-        self.labels = [LABELS.get(label, label) for label in df["Label"]]
-        self.encoded = [tokenizer.encode(text)[:max_length] for text in df["Text"]]
+        rows = [f"row {position} (index {index})" for position, index in enumerate(df.index)]
+        self.labels = [_class_index(label, num_classes, row) for label, row in zip(df["Label"], rows)]
+        self.encoded = [_encode_text(tokenizer, text, row)[:max_length] for text, row in zip(df["Text"], rows)]
         for index, ids in enumerate(self.encoded):
             if not ids:
                 raise ValueError(f"message {index} has no tokens: drop empty texts before building the dataset")
@@ -123,6 +144,37 @@ class SpamDataset(Dataset):
         return torch.tensor(self.encoded[index]), torch.tensor(self.labels[index])
 
 
+def _class_index(label: object, num_classes: int, row: str) -> int:
+    """A row's label as a class index: "ham"/"spam", or an integer in ``range(num_classes)``."""
+    if isinstance(label, str):
+        label = LABELS.get(label, label)
+    if isinstance(label, numbers.Integral) and not isinstance(label, bool) and 0 <= label < num_classes:
+        return int(label)
+    raise ValueError(f"{row} has Label {label!r}; a label must be {' or '.join(map(repr, LABELS))} or an integer "
+                     f"class index in range({num_classes}) (not a float or other string): fix or drop that row")
+
+
+def _encode_text(tokenizer, text: object, row: str) -> list[int]:
+    """A row's message as token ids, refused naming the row unless it is a string (NaN is a missing text)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{row} has Text {text!r} ({type(text).__name__}), not a string; drop or fill missing "
+                         "texts first (df.dropna(subset=['Text']))")
+    return encode_user_text(tokenizer, text)
+
+
+def _check_labels(name: str, labels: torch.Tensor, num_classes: int | None = None) -> None:
+    """Refuse labels that are not integer class indices (in ``range(num_classes)`` when given), naming the row."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer class indices, got dtype {labels.dtype}: use torch.long labels")
+    if num_classes is not None:
+        flat = labels.reshape(-1)
+        outside = (flat < 0) | (flat >= num_classes)
+        if bool(outside.any()):
+            row = int(outside.nonzero()[0, 0])
+            raise ValueError(f"{name} row {row} has label {int(flat[row])}, outside range({num_classes}) of the "
+                             f"model's {num_classes} classes")
+
+
 def collate_classification(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_token_id: int = GPT2_PAD_ID,
                            pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``(ids, label)`` items into ``(inputs (batch, n_tokens), labels (batch,))``, padding on the right.
@@ -138,7 +190,8 @@ def collate_classification(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], p
     inputs = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     for row, (ids, _) in enumerate(batch):
         inputs[row, :len(ids)] = ids
-    labels = torch.stack([label for _, label in batch])
+    labels = torch.stack([torch.as_tensor(label) for _, label in batch])
+    _check_labels("labels", labels)
     return inputs, labels
 
 
@@ -259,7 +312,11 @@ def class_logits(model: nn.Module, input_ids: torch.Tensor, pad_token_id: int = 
 def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module,
                     device: torch.device | str, *, pad_token_id: int = GPT2_PAD_ID,
                     position: str = "last_real") -> torch.Tensor:
-    """Mean cross-entropy of one batch's class logits against its labels (a scalar that can be backpropagated)."""
+    """Mean cross-entropy of one batch's class logits against its labels (a scalar that can be backpropagated).
+
+    Labels must be integer class indices of the model's classes; others raise ValueError.
+    """
+    _check_labels("target_batch", target_batch, _require_classifier(model).num_classes)
     logits = class_logits(model, input_batch.to(device), pad_token_id, position=position)
     return F.cross_entropy(logits, target_batch.to(device))
 
@@ -298,6 +355,7 @@ def calc_accuracy_loader(data_loader: Iterable, model: nn.Module, device: torch.
                          position: str = "last_real") -> float:
     """Fraction of examples classified correctly over the first ``num_batches`` batches, in eval mode."""
     def batch_correct(inputs, labels):
+        _check_labels("labels", labels, _require_classifier(model).num_classes)
         logits = class_logits(model, inputs.to(device), pad_token_id, position=position)
         return (logits.argmax(dim=-1) == labels.to(device)).sum().item(), len(labels)
     return _evaluate_batches(data_loader, model, num_batches, batch_correct)
@@ -381,6 +439,7 @@ def classify_text(text: str, model: nn.Module, tokenizer, device: torch.device |
                   class_names: Sequence[str] = CLASS_NAMES) -> str:
     """``"spam"`` or ``"not spam"`` (``class_names[predicted class]``) for one message.
 
+    The text is encoded by ``encode_user_text`` (a literal ``<|endoftext|>`` is ordinary text).
     ``max_length`` truncates the message to its first ``max_length`` tokens; with
     ``position="last"`` the ids are then padded to ``max_length``, as the book's batches were.
     A message longer than the model's context without ``max_length`` is refused, naming both numbers.
@@ -389,7 +448,7 @@ def classify_text(text: str, model: nn.Module, tokenizer, device: torch.device |
     if len(class_names) != core.num_classes:
         raise ValueError(f"class_names has {len(class_names)} names but the model has {core.num_classes} classes")
     check_count("max_length", max_length, minimum=1, allow_none=True)
-    ids = tokenizer.encode(text)[:max_length]
+    ids = encode_user_text(tokenizer, text)[:max_length]
     context = core.cfg.context_length
     if not ids:
         raise ValueError("the text has no tokens; give a non-empty message")

@@ -37,8 +37,12 @@ class GPTConfig:
         if self.emb_dim % self.n_heads != 0:
             raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}): "
                              "each head gets emb_dim / n_heads dimensions")
-        if not 0.0 <= float(self.drop_rate) < 1.0:
-            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        rate = self.drop_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be a number in [0, 1), got {rate!r}")
+        for name in ("qkv_bias", "tie_weights"):  # a string such as "false" would be truthy
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def head_dim(self) -> int:

@@ -114,6 +114,18 @@ def _mapped_names(cfg: GPTConfig) -> dict[str, tuple[tuple[str, ...], Transform]
 # finding the files
 
 
+def _loads(text: str | bytes) -> object:
+    """``json.loads``, with a document nested too deeply for Python's parser refused as a ValueError.
+
+    Python's parser recurses once per level and raises RecursionError past about a thousand; the
+    callers turn ValueError into a WeightsError naming their file.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply to be parsed") from None
+
+
 def _download(name: str) -> tuple[Path, list[Path]]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -134,7 +146,7 @@ def _download(name: str) -> tuple[Path, list[Path]]:
 def _shard_files(index: Path) -> list[Path]:
     """The shard files a ``model.safetensors.index.json`` names, each checked to exist beside it."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _loads(index.read_text())["weight_map"]
         shard_names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise WeightsError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of tensor "
@@ -191,6 +203,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on the JSON header
+
+
 def _read_header(file: Path) -> tuple[dict, int, int]:
     """A safetensors file's JSON header, where its data starts, and how many bytes of data it holds."""
     try:
@@ -199,7 +214,10 @@ def _read_header(file: Path) -> tuple[dict, int, int]:
             header_length = struct.unpack("<Q", handle.read(8))[0]
             if header_length > size - 8:
                 raise ValueError(f"the header claims {header_length} bytes but the file has {size}")
-            header = json.loads(handle.read(header_length))
+            if header_length > _MAX_HEADER_BYTES:
+                raise ValueError(f"the header claims {header_length} bytes, more than safetensors allows "
+                                 f"({_MAX_HEADER_BYTES})")
+            header = _loads(handle.read(header_length))
     except (OSError, ValueError, struct.error) as error:
         raise WeightsError(f"{file} is truncated or not a safetensors file ({error}); download or save it "
                            "again") from error
@@ -287,7 +305,7 @@ _HF_SIZES = {"vocab_size": "vocab_size", "n_positions": "context_length", "n_emb
 def _read_hf_config(config_path: Path) -> tuple[dict, float]:
     """GPTConfig's sizes and the dropout rate that a Hugging Face GPT-2 ``config.json`` states."""
     try:
-        hf = json.loads(config_path.read_text())
+        hf = _loads(config_path.read_text())
     except (OSError, ValueError) as error:
         raise WeightsError(f"{config_path} cannot be read as JSON ({error}); restore the model's "
                            "config.json") from error
@@ -295,12 +313,28 @@ def _read_hf_config(config_path: Path) -> tuple[dict, float]:
     if missing:
         raise WeightsError(f"{config_path} lacks {', '.join(missing)}; a GPT-2 config.json states "
                            f"{', '.join(_HF_SIZES)}: restore the model's own config.json")
+    _check_value_types(config_path, hf)
     activation = hf.get("activation_function", "gelu_new")
     if activation not in {"gelu_new", "gelu_pytorch_tanh"}:
         raise WeightsError(f"{config_path}: activation_function {activation!r} is not GPT-2's tanh GELU")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise WeightsError(f"{config_path}: n_inner {hf['n_inner']} is not 4 x n_embd; GPTModel cannot hold it")
     return {ours: hf[key] for key, ours in _HF_SIZES.items()}, hf.get("resid_pdrop", 0.1)
+
+
+def _check_value_types(config_path: Path, hf: dict) -> None:
+    """Refuse a config.json value of the wrong JSON type (``"0.1"`` for a rate, ``12.0`` for a size), naming the key."""
+    def is_integer(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    expected = {key: ("an integer", is_integer) for key in _HF_SIZES}
+    expected["n_inner"] = ("an integer or null", lambda value: value is None or is_integer(value))
+    expected["resid_pdrop"] = ("a number", lambda value: is_integer(value) or isinstance(value, float))
+    expected["activation_function"] = ("a string", lambda value: isinstance(value, str))
+    for key, (kind, fits) in expected.items():
+        if key in hf and not fits(hf[key]):
+            raise WeightsError(f"{config_path}: {key} is {hf[key]!r} ({type(hf[key]).__name__}), not {kind}; "
+                               "restore the model's own config.json")
 
 
 def _infer_sizes(tensors: _Tensors) -> dict:
@@ -342,7 +376,7 @@ def _load_ours(tensors: _Tensors, source: str, device: torch.device, dtype: torc
                drop_rate: float | None) -> GPTModel:
     """A file written by helpers.train.save_checkpoint or helpers.pretrain: our own names."""
     try:
-        saved = json.loads(tensors.metadata.get("config") or "null")
+        saved = _loads(tensors.metadata.get("config") or "null")
         if drop_rate is not None and isinstance(saved, dict):
             saved = {**saved, "drop_rate": drop_rate}
         cfg = GPTConfig.from_dict(saved) if saved else None
@@ -352,18 +386,29 @@ def _load_ours(tensors: _Tensors, source: str, device: torch.device, dtype: torc
     if cfg is None:
         raise WeightsError(f"{source} uses GPTModel's tensor names but records no config in its metadata; load it "
                            "with helpers.checkpoint.load_checkpoint into a model you build")
+    if cfg.tie_weights and _holds_own_head(tensors):  # the tensors are the truth: e.g. a merged LoRA head
+        cfg = dataclasses.replace(cfg, tie_weights=False)
     with torch.device("meta"):
         model = GPTModel(cfg)
     expected = dict(model.named_parameters(remove_duplicate=False))
+    unknown = sorted(tensors.names() - set(expected))
+    if unknown:  # what surgery leaves (see helpers.lora and helpers.classify)
+        raise WeightsError(f"{source} holds {unknown[0]}, which GPTModel does not have (LoRA adapters or a class "
+                           "head?); merge LoRA adapters with helpers.lora.merge_lora before saving, or load a "
+                           "classifier with helpers.checkpoint.load_checkpoint into a model prepared the same way")
     state = {}
     for name in tensors.names():
-        if name not in expected:
-            raise WeightsError(f"{source} holds {name}, which GPTModel does not have")
         _check_shape(source, name, tensors.shape(name), list(expected[name].shape))
         state[name] = tensors.get(name).to(device=device, dtype=dtype)
     if cfg.tie_weights and "tok_emb.weight" not in state and "out_head.weight" in state:
         state["tok_emb.weight"] = state["out_head.weight"]
     return _assign(model, state, source)
+
+
+def _holds_own_head(tensors: _Tensors) -> bool:
+    """Whether a file of our names holds an output head that differs from its token embedding."""
+    both = {"tok_emb.weight", "out_head.weight"} <= tensors.names()
+    return both and not torch.equal(tensors.get("tok_emb.weight"), tensors.get("out_head.weight"))
 
 
 def _check_shape(source: str, name: str, actual: list[int], expected: list[int]) -> None:
@@ -445,7 +490,7 @@ def load_gpt2(name_or_path: str | os.PathLike, device: torch.device | str | None
     config_path, files = _find_files(name_or_path)
     tensors = _Tensors(files)
     source = str(files[0] if len(files) == 1 else files[0].parent)
-    if tensors.names() & {"tok_emb.weight", "out_head.weight"}:  # GPTModel's own names (a tied file keeps one)
+    if tensors.names() & {"pos_emb.weight", "tok_emb.weight", "out_head.weight"}:  # GPTModel's own names
         return _load_ours(tensors, source, device, dtype, drop_rate)
     cfg = _config_from(config_path, tensors, drop_rate, source)
     return _load_hf_names(tensors, cfg, source, device, dtype)
@@ -468,11 +513,31 @@ def _hf_config(cfg: GPTConfig) -> dict:
     }
 
 
+def _check_plain_gpt(model: GPTModel, params: dict[str, torch.nn.Parameter]) -> None:
+    """Refuse a model GPT-2's layout cannot hold: a class head, LoRA adapters, a head its config misstates."""
+    classes = getattr(model, "num_classes", None)  # the mark helpers.classify.prepare_for_classification sets
+    if classes is not None:
+        raise WeightsError(f"save_hf_gpt2: this model is a classifier (its out_head has {classes} outputs, not one per "
+                           "token), which GPT-2's layout cannot hold; save it with helpers.checkpoint.save_checkpoint "
+                           "and load it with load_checkpoint into a model prepared the same way")
+    with torch.device("meta"):
+        plain = dict(GPTModel(model.cfg).named_parameters(remove_duplicate=False))
+    extra = sorted(set(params) - set(plain))
+    if extra:
+        raise WeightsError(f"save_hf_gpt2: the model has {extra[0]}, which GPTModel has not (LoRA adapters or another "
+                           "wrapped layer) and GPT-2's layout cannot store; call helpers.lora.merge_lora(model) first")
+    if model.cfg.tie_weights and params["out_head.weight"] is not params["tok_emb.weight"]:
+        raise WeightsError("save_hf_gpt2: the model's config says tie_weights=True but its out_head is not its token "
+                           "embedding; set model.cfg = dataclasses.replace(model.cfg, tie_weights=False) first")
+
+
 def save_hf_gpt2(model: GPTModel, directory: str | os.PathLike) -> Path:
     """Write ``model`` in GPT-2's Hugging Face layout (``config.json`` + ``model.safetensors``); return the folder.
 
     ``transformers.GPT2LMHeadModel.from_pretrained(directory)`` and ``load_gpt2(directory)`` both
     load it. A model without qkv bias gets zero biases (GPT-2 always has them), which computes the same.
+    A classifier, a model with LoRA adapters (merge them first) or one whose config says its head is
+    tied when it is not raises ``WeightsError`` before anything is written.
     Each file is written to a temporary name and renamed into place.
     """
     model = unwrap_model(model)
@@ -482,6 +547,7 @@ def save_hf_gpt2(model: GPTModel, directory: str | os.PathLike) -> Path:
     if directory.exists() and not directory.is_dir():
         raise WeightsError(f"save_hf_gpt2: {directory} exists and is not a folder; pass a folder to write into")
     params = dict(model.named_parameters(remove_duplicate=False))
+    _check_plain_gpt(model, params)
     if any(param.is_meta for param in params.values()):
         raise WeightsError("save_hf_gpt2: the model's weights are on the meta device (no values); load or "
                            "initialise them first")

@@ -22,6 +22,7 @@ from helpers.classify import (
     last_real_positions,
     load_spam_splits,
     prepare_for_classification,
+    read_spam_collection,
     seen_in_training,
     train_classifier,
 )
@@ -214,6 +215,28 @@ def test_prepare_for_classification_with_none_trains_everything_and_unties_the_h
     torch.testing.assert_close(model.tok_emb.weight, embedding, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("tie_weights", [False, True], ids=["untied", "tied"])
+def test_a_classifier_round_trips_through_a_checkpoint_with_its_logits(tmp_path, tie_weights):
+    # given a classifier made from a tied or untied model, its head moved away from its initial draw
+    from helpers.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=1, drop_rate=0.0,
+                    tie_weights=tie_weights)
+    torch.manual_seed(0)
+    model = prepare_for_classification(GPTModel(cfg)).eval()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+
+    # when it is saved and loaded into a model prepared the same way from its (untied) config
+    save_checkpoint(tmp_path / "classifier", model)
+    assert model.cfg.tie_weights is False
+    fresh = prepare_for_classification(GPTModel(model.cfg)).eval()
+    load_checkpoint(tmp_path / "classifier", fresh)
+
+    # then it reads the same classes
+    torch.testing.assert_close(class_logits(fresh, ids, pad_token_id=96), class_logits(model, ids, pad_token_id=96),
+                               rtol=0, atol=0)
+
+
 def test_prepare_for_classification_refuses_bad_arguments(tiny_model):
     with pytest.raises(ValueError, match="trainable_blocks=3 but the model has only 2 blocks"):
         prepare_for_classification(tiny_model, trainable_blocks=3)
@@ -331,3 +354,117 @@ def test_a_nan_loss_stops_training_naming_the_step(gpt2_vocab_model):
     with pytest.raises(TrainingDiverged, match="the loss became nan at step 0") as caught:
         train_classifier(gpt2_vocab_model, loader, loader, optimizer, "cpu", 1, 1, 1, progress=False)
     assert caught.value.step == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# text and labels from outside: encoded as ordinary text, refused where they enter
+
+
+EOT_TEXT = "Free entry <|endoftext|> reply WIN now"
+
+
+def test_a_message_holding_the_end_of_text_string_is_encoded_as_ordinary_text(gpt2_tok, tiktoken_gpt2):
+    # given a message that spells out GPT-2's special token
+    frame = pd.DataFrame({"Label": ["spam", "ham"], "Text": [EOT_TEXT, "ok"]})
+
+    # when it goes into a dataset
+    dataset = SpamDataset(frame, gpt2_tok)
+
+    # then it is the characters' tokens, as tiktoken encodes them with no special tokens allowed
+    expected = tiktoken_gpt2.encode(EOT_TEXT, disallowed_special=())
+    assert dataset[0][0].tolist() == expected and PAD not in expected
+
+
+def test_classify_text_reads_a_message_holding_the_end_of_text_string_as_ordinary_text(gpt2_vocab_model, gpt2_tok,
+                                                                                        tiktoken_gpt2):
+    ids = torch.tensor([tiktoken_gpt2.encode(EOT_TEXT, disallowed_special=())])
+    expected = ("not spam", "spam")[int(class_logits(gpt2_vocab_model, ids).argmax())]
+    assert classify_text(EOT_TEXT, gpt2_vocab_model, gpt2_tok, "cpu") == expected
+
+
+@pytest.mark.parametrize("text, problem", [
+    (float("nan"), r"row 1 \(index 11\) has Text nan \(float\), not a string"),
+    (42, r"row 1 \(index 11\) has Text 42 \(int\)"),
+], ids=["nan", "int"])
+def test_spam_dataset_refuses_a_text_that_is_not_a_string_naming_the_row(gpt2_tok, text, problem):
+    frame = pd.DataFrame({"Label": [0, 1], "Text": ["fine", text]}, index=[10, 11])
+    with pytest.raises(ValueError, match=problem):
+        SpamDataset(frame, gpt2_tok)
+
+
+@pytest.mark.parametrize("label, problem", [
+    (2, r"row 1 \(index 1\) has Label 2; .*range\(2\)"),
+    (-1, r"row 1 \(index 1\) has Label -1"),
+    ("Spam", r"row 1 \(index 1\) has Label 'Spam'"),
+    ("1", r"row 1 \(index 1\) has Label '1'"),
+    (1.0, r"row 1 \(index 1\) has Label 1\.0"),
+    (True, r"row 1 \(index 1\) has Label True"),
+], ids=["too-large", "negative", "unknown-name", "digit-string", "float", "bool"])
+def test_spam_dataset_refuses_a_label_that_is_not_a_class_index_naming_the_row(gpt2_tok, label, problem):
+    frame = pd.DataFrame({"Label": pd.Series([0, label], dtype=object), "Text": ["fine", "also fine"]})
+    with pytest.raises(ValueError, match=problem):
+        SpamDataset(frame, gpt2_tok)
+
+
+def test_spam_dataset_takes_labels_of_more_classes_when_told_how_many(gpt2_tok):
+    frame = pd.DataFrame({"Label": [0, 2, "spam"], "Text": ["a", "b", "c"]})
+    assert [int(label) for _, label in SpamDataset(frame, gpt2_tok, num_classes=3)] == [0, 2, 1]
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+        SpamDataset(frame, gpt2_tok, num_classes=1)
+
+
+def test_collate_refuses_float_labels():
+    batch = [(torch.tensor([1, 2]), torch.tensor(0.0)), (torch.tensor([3]), torch.tensor(1.0))]
+    with pytest.raises(ValueError, match=r"labels must hold integer class indices, got dtype torch\.float32"):
+        collate_classification(batch)
+
+
+def test_labels_outside_the_models_classes_are_refused_naming_the_row(gpt2_vocab_model):
+    # given a batch whose second label is not one of the model's two classes
+    loader = [(torch.tensor([[1, 2], [3, 4]]), torch.tensor([1, 2]))]
+    optimizer = torch.optim.SGD(gpt2_vocab_model.parameters(), lr=0.1)
+    calls = {
+        "loss": lambda: calc_loss_loader(loader, gpt2_vocab_model, "cpu"),
+        "accuracy": lambda: calc_accuracy_loader(loader, gpt2_vocab_model, "cpu"),
+        "train": lambda: train_classifier(gpt2_vocab_model, loader, loader, optimizer, "cpu", 1, 1, 1,
+                                          progress=False, verbose=False),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=r"row 1 has label 2, outside range\(2\)"):
+            call()
+
+
+def test_read_spam_collection_keeps_a_tab_inside_a_message_and_refuses_a_line_without_one(tmp_path):
+    # given a file in the collection's format whose second message holds a tab
+    good = tmp_path / "good.tsv"
+    good.write_text("ham\tsee you\nspam\tWIN\tcash now\nham\tok\n", encoding="utf-8")
+
+    # when it is read, then the tab stays in the message and every row keeps its own label
+    frame = read_spam_collection(good)
+    assert frame.values.tolist() == [["ham", "see you"], ["spam", "WIN\tcash now"], ["ham", "ok"]]
+    assert list(frame.index) == [0, 1, 2]
+
+    # and a line that is not a label, a tab and a message is refused naming its line
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("ham\tsee you\nno tab on this line\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.tsv, line 2: expected ham or spam, a tab and the message"):
+        read_spam_collection(bad)
+
+
+def test_calc_loss_batch_reads_each_row_at_its_last_token_before_the_callers_pad_id(tiny_cfg):
+    # given a classifier and a batch right-padded with a custom pad id (100), where the padded end and the
+    # last real token give different logits
+    from helpers.classify import calc_loss_batch
+
+    torch.manual_seed(0)
+    model = prepare_for_classification(GPTModel(tiny_cfg)).eval()
+    pad = 100
+    inputs = torch.tensor([[5, 6, 7, pad, pad, pad], [8, 9, 10, 11, 12, 13]])
+    labels = torch.tensor([1, 0])
+    reference = F.cross_entropy(class_logits(model, inputs, pad_token_id=pad), labels)
+    at_the_padded_end = F.cross_entropy(class_logits(model, inputs, position="last"), labels)
+    assert not torch.isclose(reference, at_the_padded_end, atol=1e-4)  # so reading the wrong place shows
+
+    # when / then the loss is the cross-entropy at the last real tokens
+    loss = calc_loss_batch(inputs, labels, model, "cpu", pad_token_id=pad)
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)

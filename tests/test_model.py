@@ -133,6 +133,19 @@ def test_config_refuses_drop_rate_outside_unit_interval(drop_rate):
         GPTConfig(drop_rate=drop_rate)
 
 
+@pytest.mark.parametrize("field, value, problem", [
+    ("drop_rate", "0.1", r"drop_rate must be a number in \[0, 1\), got '0\.1'"),
+    ("drop_rate", True, r"drop_rate must be a number in \[0, 1\), got True"),
+    ("drop_rate", float("nan"), r"drop_rate must be a number in \[0, 1\), got nan"),
+    ("qkv_bias", "false", r"qkv_bias must be True or False, got 'false'"),
+    ("tie_weights", 1, r"tie_weights must be True or False, got 1"),
+], ids=["string-rate", "bool-rate", "nan-rate", "string-bias", "int-tie"])
+def test_config_refuses_values_of_the_wrong_type_naming_the_field(field, value, problem):
+    # a config from a file or a dict: "0.1" used to pass here and fail later inside nn.Dropout
+    with pytest.raises(ValueError, match=problem):
+        GPTConfig(**{field: value})
+
+
 def test_model_accepts_config_as_dict_and_names_unknown_keys(tiny_cfg):
     model = GPTModel(tiny_cfg.to_dict())
     assert model.cfg == tiny_cfg

@@ -530,7 +530,7 @@ def _with_config(pretrained_dir: Path, target: Path, **changes) -> Path:
     ({"n_head": None}, r"config\.json lacks n_head"),
     ({"n_head": 5}, r"config\.json states sizes GPTModel cannot take: emb_dim \(64\) must be divisible by n_heads"),
     ({"n_layer": -2}, r"config\.json states sizes GPTModel cannot take: GPTConfig\.n_layers must be a positive"),
-    ({"vocab_size": "1000"}, r"config\.json states sizes GPTModel cannot take: GPTConfig\.vocab_size"),
+    ({"vocab_size": "1000"}, r"config\.json: vocab_size is '1000' \(str\), not an integer"),
     ({"resid_pdrop": 1.5}, r"config\.json states sizes GPTModel cannot take: GPTConfig\.drop_rate"),
 ], ids=["missing-key", "indivisible-heads", "negative-layers", "string-size", "dropout-out-of-range"])
 def test_a_config_with_missing_keys_or_wrong_values_is_refused_naming_the_file(pretrained_dir, tmp_path, changes,
@@ -600,3 +600,87 @@ def test_save_hf_gpt2_into_a_path_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(WeightsError, match="exists and is not a folder"):
         save_hf_gpt2(_random_gpt(tie_weights=True, qkv_bias=False), tmp_path / "taken")
+
+
+def _head_untied_behind_the_config() -> GPTModel:
+    """A tied model whose head was replaced by a matrix of its own while its config still says tied
+    (what merge_lora left before it learnt to update the config)."""
+    model = _random_gpt(tie_weights=True, qkv_bias=False)
+    with torch.no_grad():
+        model.out_head.weight = torch.nn.Parameter(model.tok_emb.weight + 0.1 * torch.randn_like(model.tok_emb.weight))
+    assert model.cfg.tie_weights
+    return model
+
+
+def test_a_checkpoint_that_says_tied_but_holds_its_own_head_loads_that_head(tmp_path):
+    # given such a model saved as a training checkpoint (its config says tied, the file holds two matrices)
+    from helpers.checkpoint import save_checkpoint
+
+    model = _head_untied_behind_the_config()
+    save_checkpoint(tmp_path / "ckpt", model)
+
+    # when load_gpt2 reads it, then the file's own head is used, not the embedding
+    back = load_gpt2(tmp_path / "ckpt")
+    ids = _ids(seed=12)
+    assert _max_diff(_our_logits(back, ids), _our_logits(model, ids)) <= 1e-5
+    assert not back.cfg.tie_weights
+
+
+def test_save_hf_gpt2_refuses_a_config_that_says_tied_when_the_head_is_not(tmp_path):
+    with pytest.raises(WeightsError, match=r"config says tie_weights=True but its out_head is not its token embedding"):
+        save_hf_gpt2(_head_untied_behind_the_config(), tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"resid_pdrop": "0.1"}, r"resid_pdrop is '0\.1' \(str\), not a number"),
+    ({"resid_pdrop": True}, r"resid_pdrop is True \(bool\), not a number"),
+    ({"n_layer": 2.0}, r"n_layer is 2\.0 \(float\), not an integer"),
+    ({"n_inner": "256"}, r"n_inner is '256' \(str\), not an integer or null"),
+    ({"activation_function": ["gelu_new"]}, r"activation_function is \['gelu_new'\] \(list\), not a string"),
+], ids=["string-dropout", "bool-dropout", "float-layers", "string-n-inner", "list-activation"])
+def test_a_config_value_of_the_wrong_type_is_refused_naming_the_file_and_the_key(pretrained_dir, tmp_path, changes,
+                                                                                problem):
+    # given the weights beside a config.json with a value of the wrong JSON type (a string where a number belongs)
+    folder = _with_config(pretrained_dir, tmp_path / "model", **changes)
+
+    # when / then loading refuses it before building anything, naming the config file and the key
+    with pytest.raises(WeightsError, match=problem) as caught:
+        load_gpt2(folder)
+    assert str(folder / "config.json") in str(caught.value) and "restore" in str(caught.value)
+
+
+DEEP = 100_000  # far past Python's recursion limit
+
+
+def test_a_safetensors_header_nested_too_deeply_is_refused_naming_the_file(tmp_path):
+    # given a file whose JSON header nests lists a hundred thousand levels deep
+    header = b'{"a": ' + b"[" * DEEP + b"]" * DEEP + b"}"
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(struct.pack("<Q", len(header)) + header)
+
+    # when / then loading refuses it as a damaged file, naming it (not a RecursionError)
+    with pytest.raises(WeightsError, match=r"model\.safetensors is truncated or not a safetensors file \(its JSON is "
+                                           r"nested too deeply"):
+        load_gpt2(file)
+
+
+def test_a_safetensors_header_longer_than_the_format_allows_is_refused_before_it_is_read(tmp_path):
+    # given a (sparse) file of 200 MB whose header claims 150 MB, over safetensors' 100 MB limit
+    file = tmp_path / "model.safetensors"
+    with open(file, "wb") as handle:
+        handle.write(struct.pack("<Q", 150_000_000))
+        handle.truncate(200_000_000)
+    with pytest.raises(WeightsError, match=r"claims 150000000 bytes, more than safetensors allows"):
+        load_gpt2(file)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_a_json_file_nested_too_deeply_is_refused_naming_it(pretrained_dir, tmp_path, name):
+    folder = _with_config(pretrained_dir, tmp_path / "model")
+    if name != "config.json":  # a sharded layout: the index instead of the single file
+        (folder / "model.safetensors").unlink()
+    (folder / name).write_text('{"a": ' + "[" * DEEP + "]" * DEEP + "}")
+    with pytest.raises(WeightsError, match=r"nested too deeply") as caught:
+        load_gpt2(folder)
+    assert str(folder / name) in str(caught.value)
