@@ -50,9 +50,9 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
     ``softmax`` of the result is the distribution ``sample_next_token`` samples from (temperature > 0).
     Top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p`` (the most
-    likely token always stays). A tiny temperature (1e-40) overflows the division to +-inf here;
+    likely token always stays). A tiny temperature (1e-37) can overflow the division to +-inf here;
     ``sample_next_token`` and ``generate`` shift each row's largest logit to 0 first, which changes
-    no probability and never overflows.
+    no probability and cannot overflow.
     """
     _check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
@@ -128,8 +128,8 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
     the new token, reusing cached keys and values; the tokens are the same as without the cache.
     When the context outgrows ``context_size`` the cache is rebuilt from the cropped window, since
     absolute position embeddings shift with the window. Any ``temperature`` > 0 is valid; a tiny
-    one (1e-40) is greedy, never NaN (see ``sample_next_token``). Token ids outside the model's vocabulary are
-    refused. For prompts of different lengths, see ``generate_batch``.
+    one (1e-40) is greedy, never NaN (see ``sample_next_token``). Token ids outside the model's
+    vocabulary are refused. For prompts of different lengths, see ``generate_batch``.
     """
     _check_sampling(temperature, top_k, top_p)
     if idx.dim() != 2 or idx.shape[1] == 0:
