@@ -299,15 +299,27 @@ def next_token_logits(model: nn.Module, idx: torch.Tensor, cache: KVCache | None
     ``attention_mask`` (``GPTModel`` only) marks left padding in ``idx``, as ``GPTModel.forward`` takes
     it; the cache carries it, so the single newest token needs none.
     """
-    def window_mask() -> dict:
-        return {} if attention_mask is None else {"attention_mask": attention_mask[:, -context_size:]}
-
+    window_mask = None if attention_mask is None else attention_mask[:, -context_size:]
     if not use_cache:
-        return model(idx[:, -context_size:], **window_mask())[:, -1, :], None
+        return _last_logits(model, idx[:, -context_size:], None, window_mask), None
     if cache is None or cache.length >= context_size:  # (re)fill the cache from the window
         cache = model.new_kv_cache()
-        return model(idx[:, -context_size:], cache, **window_mask())[:, -1, :], cache
-    return model(idx[:, -1:], cache)[:, -1, :], cache
+        return _last_logits(model, idx[:, -context_size:], cache, window_mask), cache
+    return _last_logits(model, idx[:, -1:], cache, None), cache
+
+
+def _last_logits(model: nn.Module, idx: torch.Tensor, cache: KVCache | None,
+                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The logits ``(batch, vocab_size)`` at the last position of ``idx``.
+
+    A ``GPTModel`` applies its output head to that position only: the head is the largest matrix
+    of a small model (vocab_size outputs per position), and a prompt's other positions need none.
+    """
+    if not isinstance(model, GPTModel):
+        masks = {} if attention_mask is None else {"attention_mask": attention_mask}
+        return model(idx, **masks)[:, -1, :]
+    hidden = model(idx, cache, return_hidden=True, attention_mask=attention_mask)
+    return model.out_head(hidden[:, -1, :])  # (batch, emb_dim) -> (batch, vocab_size)
 
 
 def _check_eos_id(eos_id: int | None) -> None:

@@ -15,6 +15,7 @@ from helpers.generate import (
     filter_logits,
     generate,
     generate_batch,
+    next_token_logits,
     sample_next_token,
     stream_generate,
     text_to_token_ids,
@@ -82,6 +83,26 @@ def test_uncached_generation_runs_the_whole_window_each_step(tiny_cfg, tiny_mode
     finally:
         handle.remove()
     assert seen == [min(4 + step, tiny_cfg.context_length) for step in range(16)]
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_generation_applies_the_output_head_to_the_last_position_only(tiny_cfg, tiny_model, use_cache):
+    # given a hook recording what the output head receives
+    shapes: list[tuple[int, ...]] = []
+    handle = tiny_model.out_head.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    try:
+        generate(tiny_model, prompts(tiny_cfg, 3, 6), max_new_tokens=4, use_cache=use_cache)
+    finally:
+        handle.remove()
+    # then every step projects one position per row, the prompt's included
+    assert shapes == [(3, tiny_cfg.emb_dim)] * 4
+
+
+def test_next_token_logits_equal_the_full_forwards_last_position(tiny_cfg, tiny_model):
+    idx = prompts(tiny_cfg, 2, 9)
+    with torch.no_grad():
+        logits, _ = next_token_logits(tiny_model, idx, None, tiny_cfg.context_length)
+        torch.testing.assert_close(logits, tiny_model(idx)[:, -1, :], rtol=0, atol=1e-5)
 
 
 def test_greedy_generation_picks_the_argmax_of_the_full_forward(tiny_cfg, tiny_model):
