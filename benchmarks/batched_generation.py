@@ -132,12 +132,22 @@ def timed(run: Callable[[], list[str]]) -> tuple[tuple[float, float], list[str]]
     return (time.perf_counter() - start, time.process_time() - start_cpu), result
 
 
+def padding_share(lengths: list[int], batch_size: int) -> float:
+    """The share of prompt positions that are padding when length-sorted prompts are batched batch_size at a time."""
+    ordered = sorted(lengths)
+    batches = [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]
+    padded = sum(max(batch) * len(batch) for batch in batches)
+    return 1 - sum(lengths) / padded
+
+
 def describe(model: GPTModel, cfg: GPTConfig, args: argparse.Namespace, lengths: list[int], same: bool) -> str:
     counts = Counter(lengths)
+    padding = ", ".join(f"{padding_share(lengths, size):.1%} in batches of {size}" for size in args.batch_sizes)
     return (f"model: {count_parameters(model) / 1e6:.1f}M parameters (width {cfg.emb_dim}, {cfg.n_layers} layers, "
             f"tied head), {args.device}; {len(lengths)} test entries, prompts of {min(lengths)}-{max(lengths)} "
             f"tokens (mean {statistics.mean(lengths):.0f}) in {len(counts)} distinct lengths (largest group "
             f"{max(counts.values())}); {args.new_tokens} new tokens each, greedy, {args.rounds} round(s)\n"
+            f"left padding (prompts sorted by length): {padding} of the prompt positions\n"
             f"answers identical to one at a time: {same}")
 
 
