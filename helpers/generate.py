@@ -1,4 +1,4 @@
-"""Text generation (Parts 06 and 07): greedy decoding, temperature, top-k and top-p sampling, KV cache."""
+"""Text generation (Parts 06 and 07): greedy and sampled decoding, KV cache, left-padded batches of prompts."""
 
 from __future__ import annotations
 
