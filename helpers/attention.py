@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CausalAttention", "LayerKVCache", "MultiHeadAttention"]
+__all__ = ["CausalAttention", "LayerKVCache", "MultiHeadAttention", "padding_causal_mask"]
 
 
 class CausalAttention(nn.Module):
@@ -65,12 +65,35 @@ class LayerKVCache:
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (indices into the batch), dropping the others' keys and values."""
+        if self.keys is not None:
+            self.keys, self.values = self.keys[rows], self.values[rows]
+
+
+def padding_causal_mask(key_mask: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """Which keys each query may attend to, for a batch with padding: ``(batch, 1, n_queries, n_keys)`` bool.
+
+    ``key_mask`` ``(batch, n_keys)`` is True for real tokens and False for padding; the queries are the
+    last ``n_queries`` of the keys' positions (earlier ones are cached). A query sees the real keys at
+    or before its own position. A padded query sees only itself, so its softmax still has one key to
+    normalise over (no NaN); what it computes is never read by a real token.
+    """
+    n_keys = key_mask.shape[1]
+    query_pos = torch.arange(n_keys - n_queries, n_keys, device=key_mask.device)[:, None]  # (n_queries, 1)
+    key_pos = torch.arange(n_keys, device=key_mask.device)[None, :]  # (1, n_keys)
+    allowed = (key_pos <= query_pos) & key_mask[:, None, :]  # (batch, n_queries, n_keys)
+    allowed = allowed | (key_pos == query_pos)
+    return allowed[:, None]  # (batch, 1, n_queries, n_keys): the same for every head
+
 
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention: project once, split into heads, attend, merge, project.
 
     Uses PyTorch's fused ``scaled_dot_product_attention``; dropout on the attention weights applies
     only in training mode. Input and output are ``(batch, n_tokens, d_in)`` / ``(batch, n_tokens, d_out)``.
+    ``attn_mask`` (``padding_causal_mask``), when given, replaces the causal mask: True where a query
+    may attend to a key, for batches of left-padded prompts.
     """
 
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
@@ -93,7 +116,8 @@ class MultiHeadAttention(nn.Module):
         # (batch, n_tokens, d_out) -> (batch, num_heads, n_tokens, head_dim)
         return x.view(batch, n_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, n_tokens, _ = x.shape
         past = cache.length if cache is not None else 0
         if past + n_tokens > self.context_length:
@@ -106,7 +130,9 @@ class MultiHeadAttention(nn.Module):
             keys, values = cache.append(keys, values)
 
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        if attn_mask is not None:  # padding: the caller's mask already holds the causal one
+            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=attn_mask, dropout_p=dropout_p)
+        elif past == 0:
             context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=True)
         elif n_tokens == 1:  # one new token may look at everything cached
             context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p)

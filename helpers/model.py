@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from helpers.attention import LayerKVCache, MultiHeadAttention
+from helpers.attention import LayerKVCache, MultiHeadAttention, padding_causal_mask
 
 __all__ = ["GPT_CONFIGS", "FeedForward", "GPTConfig", "GPTModel", "KVCache", "TransformerBlock", "count_parameters",
            "init_gpt2_weights"]
@@ -99,9 +99,10 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         shortcut = x
-        x = self.att(self.norm1(x), cache)
+        x = self.att(self.norm1(x), cache, attn_mask)
         x = self.drop_shortcut(x)
         x = x + shortcut
 
@@ -118,11 +119,19 @@ class KVCache:
     def __init__(self, n_layers: int, max_length: int):
         self.layers = [LayerKVCache(max_length) for _ in range(n_layers)]
         self.max_length = max_length
+        self.key_mask: torch.Tensor | None = None  # (batch, length): False at padding; None while there is none
 
     @property
     def length(self) -> int:
         """How many positions are cached (the position of the next token)."""
         return self.layers[0].length
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (indices), e.g. to stop computing sequences that have finished."""
+        for layer in self.layers:
+            layer.keep_rows(rows)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[rows]
 
 
 class GPTModel(nn.Module):
@@ -154,13 +163,19 @@ class GPTModel(nn.Module):
         return KVCache(self.cfg.n_layers, self.cfg.context_length)
 
     def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None, *,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Return the logits ``(batch, n_tokens, vocab_size)`` for token ids ``(batch, n_tokens)``.
 
         With ``kv_cache``, ``in_idx`` holds only the new tokens: they take the positions after
         those already cached, attend to the cached keys and values, and are added to the cache.
         With ``return_hidden=True`` the final normalised hidden states ``(batch, n_tokens, emb_dim)``
         are returned instead of logits (for a loss that applies the output head itself).
+
+        ``attention_mask`` ``(batch, n_tokens)``, 1 for real tokens and 0 for padding, lets prompts of
+        different lengths share a batch, left-padded: no token attends to padding, and each row's
+        positions count from its first real token, so a row's logits are those it gets alone (the
+        logits at padded positions mean nothing). With a cache it covers the new tokens only; the
+        cache remembers the earlier ones. Without it every new token is real (cached padding stays masked).
         """
         if in_idx.dim() != 2:
             raise ValueError(f"in_idx must be (batch, n_tokens) token ids, got shape {tuple(in_idx.shape)}")
@@ -171,15 +186,44 @@ class GPTModel(nn.Module):
                 f"the input has {start + n_tokens} tokens ({start} cached + {n_tokens} new) but the model's "
                 f"context_length is {self.cfg.context_length}; crop it to the last {self.cfg.context_length} tokens"
             )
-        positions = torch.arange(start, start + n_tokens, device=in_idx.device)
+        if attention_mask is None and (kv_cache is None or kv_cache.key_mask is None):  # no padding anywhere
+            positions, attn_mask = torch.arange(start, start + n_tokens, device=in_idx.device), None
+        else:
+            positions, attn_mask = self._padding(in_idx, attention_mask, kv_cache, start)
         x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (batch, n_tokens, emb_dim)
         x = self.drop_emb(x)
         for index, block in enumerate(self.blocks):
-            x = block(x, kv_cache.layers[index] if kv_cache is not None else None)
+            x = block(x, kv_cache.layers[index] if kv_cache is not None else None, attn_mask)
         x = self.final_norm(x)
         if return_hidden:
             return x
         return self.out_head(x)  # (batch, n_tokens, vocab_size)
+
+    @staticmethod
+    def _padding(in_idx: torch.Tensor, attention_mask: torch.Tensor | None, kv_cache: KVCache | None,
+                 start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row positions ``(batch, n_tokens)`` and the attention mask for a batch with padding.
+
+        Records the new tokens' mask in ``kv_cache``, which carries it to the next call.
+        """
+        batch, n_tokens = in_idx.shape
+        if attention_mask is None:
+            new_mask = torch.ones(batch, n_tokens, dtype=torch.bool, device=in_idx.device)
+        elif attention_mask.shape != in_idx.shape or attention_mask.is_floating_point():
+            raise ValueError(f"attention_mask must be (batch, n_tokens) = {tuple(in_idx.shape)} of 1 (token) and "
+                             f"0 (padding), like in_idx; got shape {tuple(attention_mask.shape)}, "
+                             f"dtype {attention_mask.dtype}")
+        else:
+            new_mask = attention_mask.to(device=in_idx.device) != 0
+        cached = kv_cache.key_mask if kv_cache is not None else None
+        if cached is None:  # whatever is cached so far had no padding
+            cached = torch.ones(batch, start, dtype=torch.bool, device=in_idx.device)
+        key_mask = torch.cat([cached, new_mask], dim=1)  # (batch, start + n_tokens)
+        if kv_cache is not None:
+            kv_cache.key_mask = key_mask
+        # position p for a row's p+1-th real token; padding (before the first) gets 0, never looked at
+        positions = (key_mask.cumsum(dim=1) - 1).clamp(min=0)[:, start:]  # (batch, n_tokens)
+        return positions, padding_causal_mask(key_mask, n_tokens)
 
 
 @torch.no_grad()

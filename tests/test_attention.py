@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.attention import CausalAttention, MultiHeadAttention
+from helpers.attention import CausalAttention, MultiHeadAttention, padding_causal_mask
 
 
 def explicit_multi_head(mha: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor:
@@ -123,3 +123,29 @@ def test_causal_attention_refuses_input_longer_than_context():
         head(torch.randn(1, 7, 4))
     assert "7" in str(caught.value)
     assert "6" in str(caught.value)
+
+
+def test_padding_causal_mask_hides_padding_and_the_future():
+    # given two rows of four tokens, the first with two tokens of left padding; one query, the last
+    key_mask = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    # when
+    full, last = padding_causal_mask(key_mask, n_queries=4), padding_causal_mask(key_mask, n_queries=1)
+    # then real queries see real keys up to themselves, and a padded query sees only itself
+    assert full.shape == (2, 1, 4, 4) and last.shape == (2, 1, 1, 4)
+    assert full[0, 0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    assert full[1, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert last[:, 0, 0].int().tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+
+
+def test_attention_with_a_padding_mask_equals_attention_without_the_padding():
+    # given a sequence, and the same sequence behind three padding vectors
+    torch.manual_seed(7)
+    mha = MultiHeadAttention(d_in=8, d_out=8, context_length=10, dropout=0.0, num_heads=2).eval()
+    x = torch.randn(1, 5, 8)
+    padded = torch.cat([torch.randn(1, 3, 8), x], dim=1)
+    key_mask = torch.tensor([[False] * 3 + [True] * 5])
+    # when the padded one runs with the padding mask
+    out = mha(padded, attn_mask=padding_causal_mask(key_mask, n_queries=8))
+    # then the real positions are unchanged and the padded ones finite
+    torch.testing.assert_close(out[:, 3:], mha(x), rtol=0, atol=1e-6)
+    assert torch.isfinite(out).all()

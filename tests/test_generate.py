@@ -11,7 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from helpers.generate import filter_logits, generate, sample_next_token, text_to_token_ids, token_ids_to_text
+from helpers.generate import (
+    filter_logits,
+    generate,
+    generate_batch,
+    next_token_logits,
+    sample_next_token,
+    stream_generate,
+    text_to_token_ids,
+    token_ids_to_text,
+)
 from helpers.model import GPTModel
 from helpers.tokenizers import SimpleTokenizerV2, build_vocab
 
@@ -74,6 +83,26 @@ def test_uncached_generation_runs_the_whole_window_each_step(tiny_cfg, tiny_mode
     finally:
         handle.remove()
     assert seen == [min(4 + step, tiny_cfg.context_length) for step in range(16)]
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_generation_applies_the_output_head_to_the_last_position_only(tiny_cfg, tiny_model, use_cache):
+    # given a hook recording what the output head receives
+    shapes: list[tuple[int, ...]] = []
+    handle = tiny_model.out_head.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    try:
+        generate(tiny_model, prompts(tiny_cfg, 3, 6), max_new_tokens=4, use_cache=use_cache)
+    finally:
+        handle.remove()
+    # then every step projects one position per row, the prompt's included
+    assert shapes == [(3, tiny_cfg.emb_dim)] * 4
+
+
+def test_next_token_logits_equal_the_full_forwards_last_position(tiny_cfg, tiny_model):
+    idx = prompts(tiny_cfg, 2, 9)
+    with torch.no_grad():
+        logits, _ = next_token_logits(tiny_model, idx, None, tiny_cfg.context_length)
+        torch.testing.assert_close(logits, tiny_model(idx)[:, -1, :], rtol=0, atol=1e-5)
 
 
 def test_greedy_generation_picks_the_argmax_of_the_full_forward(tiny_cfg, tiny_model):
@@ -410,3 +439,159 @@ def test_filter_logits_keeps_the_top_k_and_the_top_p_nucleus():
     torch.testing.assert_close(hotter, logits / 2.0)
     with pytest.raises(ValueError, match="greedy"):
         filter_logits(logits, temperature=0.0)
+
+
+# -- tiny temperatures and ids outside the vocabulary --------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-37, 1e-40, 1e-300])
+def test_a_tiny_positive_temperature_is_greedy_instead_of_overflowing(tiny_cfg, tiny_model, temperature):
+    # given a temperature so small that logits / temperature overflows float32 to +-inf (softmax: NaN)
+    idx = prompts(tiny_cfg, 2, 5)
+    greedy = generate(tiny_model, idx, max_new_tokens=10)
+    # when sampling with it
+    sampled = generate(tiny_model, idx, max_new_tokens=10, temperature=temperature, top_k=5, top_p=0.9,
+                       generator=torch.Generator().manual_seed(0))
+    # then only the most likely token can be drawn: the greedy tokens
+    assert torch.equal(sampled, greedy)
+    logits = torch.tensor([[0.3, 2.0, -1.0], [400.0, 450.0, 100.0]])  # 450 / 1e-37 overflows float32
+    assert sample_next_token(logits, temperature=temperature).tolist() == [[1], [1]]
+
+
+@pytest.mark.parametrize("bad_id", [101, 5000, -1])
+def test_token_ids_outside_the_vocabulary_are_refused_naming_the_id_and_the_vocab_size(tiny_cfg, tiny_model,
+                                                                                         bad_id):
+    # given a prompt with one id the model's embedding has no row for (tiny_cfg.vocab_size is 101)
+    idx = prompts(tiny_cfg, 2, 5)
+    idx[1, 3] = bad_id
+    # when / then generation refuses it up front with the id and the vocabulary size, not an IndexError
+    with pytest.raises(ValueError, match=rf"idx holds token id {bad_id} at \(1, 3\).*vocab_size \(101\)"):
+        generate(tiny_model, idx, max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"token id {bad_id}"):
+        next(stream_generate(tiny_model, idx[1:], max_new_tokens=2))
+    with pytest.raises(ValueError, match=rf"prompts\[1\] holds token id {bad_id}.*vocab_size is 101"):
+        generate_batch(tiny_model, [[1, 2], idx[1].tolist()], 2, pad_id=0)
+
+
+def test_float_token_ids_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="idx must hold integer token ids.*float32"):
+        generate(tiny_model, torch.zeros(1, 3), max_new_tokens=2)
+
+
+# -- batches of prompts of different lengths -----------------------------------------------------------
+
+
+def varied_prompts(cfg, lengths: list[int], seed: int = 11) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, cfg.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+def one_at_a_time(model, prompt_list, max_new_tokens, **kwargs) -> list[list[int]]:
+    """What ``generate`` answers each prompt alone: its new tokens, up to the first eos."""
+    answers = []
+    for ids in prompt_list:
+        new = generate(model, torch.tensor([ids]), max_new_tokens, **kwargs)[0, len(ids):].tolist()
+        eos_id = kwargs.get("eos_id")
+        answers.append(new[: new.index(eos_id) + 1] if eos_id in new else new)
+    return answers
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+@pytest.mark.parametrize("context_length", [64, 16], ids=["within-context", "past-context-length"])
+def test_batched_greedy_answers_equal_answering_each_prompt_alone(tiny_cfg, use_cache, context_length):
+    # given prompts of five different lengths; with context 16, 12 + 12 tokens outgrow the window
+    model = seeded_model(dataclasses.replace(tiny_cfg, context_length=context_length))
+    prompt_list = varied_prompts(tiny_cfg, [3, 12, 1, 7, 12])
+    # when they are answered in one left-padded batch
+    batched = generate_batch(model, prompt_list, 12, pad_id=0, use_cache=use_cache)
+    # then every answer is the one the prompt gets alone
+    assert batched == one_at_a_time(model, prompt_list, 12, use_cache=use_cache)
+    assert [len(answer) for answer in batched] == [12] * 5
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_batched_rows_stop_at_eos_and_the_others_go_on(tiny_cfg, use_cache):
+    # given prompts, their greedy answers alone, and as eos a token that ends some answers early
+    model = seeded_model(dataclasses.replace(tiny_cfg, context_length=64))
+    prompt_list = varied_prompts(tiny_cfg, [2, 9, 5, 4], seed=3)
+    free = one_at_a_time(model, prompt_list, 20)
+    eos_id = free[0][3]
+    alone = one_at_a_time(model, prompt_list, 20, eos_id=eos_id)
+    assert any(len(answer) < 20 for answer in alone) and any(len(answer) == 20 for answer in alone)
+    # when answered in one batch with that eos
+    batched = generate_batch(model, prompt_list, 20, pad_id=5, eos_id=eos_id, use_cache=use_cache)
+    # then each row ends at its first eos (included) or at the limit, exactly as alone
+    assert batched == alone
+    assert all(eos_id not in answer[:-1] for answer in batched)
+
+
+def test_batch_ends_when_every_row_has_produced_eos(tiny_cfg):
+    # given a hook counting model calls, and an eos every prompt produces early
+    model = seeded_model(dataclasses.replace(tiny_cfg, context_length=64))
+    prompt_list = varied_prompts(tiny_cfg, [4, 6], seed=5)
+    first_tokens = [answer[0] for answer in one_at_a_time(model, prompt_list, 1)]
+    calls: list[int] = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        answers = generate_batch(model, prompt_list, 30, pad_id=0, eos_id=first_tokens[0])
+    finally:
+        handle.remove()
+    # then the loop stops as soon as both rows have finished, the first leaving the batch at once
+    assert answers[0] == [first_tokens[0]]
+    assert answers[1][-1] == first_tokens[0] or len(answers[1]) == 30
+    assert len(calls) == len(answers[1]) and calls[0] == 2 and set(calls[1:]) <= {1}
+
+
+class CountingModel(nn.Module):
+    """Predicts the last token + 1 (mod 10); it takes no attention mask."""
+
+    cfg = SimpleNamespace(context_length=64, vocab_size=10)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot((idx + 1) % 10, num_classes=10).float()
+
+
+def test_batched_generation_with_a_model_without_attention_mask_goes_one_at_a_time():
+    # given a model that cannot take an attention mask, so padding cannot be hidden from it
+    # when / then each prompt is answered alone, with the same stopping rule
+    answers = generate_batch(CountingModel(), [[1, 1], [0, 3, 4], [9]], 3, pad_id=0, eos_id=6)
+    assert answers == [[2, 3, 4], [5, 6], [0, 1, 2]]
+
+
+def test_batched_generation_of_no_prompts_or_no_tokens(tiny_model):
+    assert generate_batch(tiny_model, [], 5, pad_id=0) == []
+    assert generate_batch(tiny_model, [[1, 2], [3]], 0, pad_id=0) == [[], []]
+
+
+def test_sampled_batched_generation_is_reproducible_with_a_generator(tiny_cfg, tiny_model):
+    prompt_list = varied_prompts(tiny_cfg, [3, 8, 5])
+
+    def sample(seed):
+        return generate_batch(tiny_model, prompt_list, 10, pad_id=0, temperature=1.0, top_k=20,
+                              generator=torch.Generator().manual_seed(seed))
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+@pytest.mark.parametrize(
+    ("prompt_list", "kwargs", "named"),
+    [
+        ([[1, 2]], {"pad_id": -1}, "pad_id"),
+        ([[1, 2]], {"pad_id": 101}, r"pad_id.*\[0, 101\)"),
+        ([[1, 2]], {"pad_id": 1.0}, "pad_id"),
+        ([[1, 2], []], {"pad_id": 0}, r"prompts\[1\].*non-empty"),
+        ([[1, 2], "hello"], {"pad_id": 0}, r"prompts\[1\]"),
+        ([[1, 2.5]], {"pad_id": 0}, r"prompts\[0\] holds token id 2.5"),
+        ("hello", {"pad_id": 0}, "prompts must be a list"),
+        (torch.tensor([[1, 2]]), {"pad_id": 0}, "prompts must be a list"),
+        ([[1, 2]], {"pad_id": 0, "max_new_tokens": -1}, "max_new_tokens"),
+        ([[1, 2]], {"pad_id": 0, "eos_id": -3}, "eos_id"),
+        ([[1, 2]], {"pad_id": 0, "temperature": -1.0}, "temperature"),
+        ([[1, 2]], {"pad_id": 0, "context_size": 0}, "context_size"),
+    ],
+)
+def test_batched_generation_refuses_bad_arguments_naming_them(tiny_model, prompt_list, kwargs, named):
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=named):
+        generate_batch(tiny_model, prompt_list, **kwargs)

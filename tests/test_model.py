@@ -199,3 +199,108 @@ def test_parameters_are_contiguous_by_default_so_common_tools_work(tiny_model, t
     save_file(state, str(tmp_path / "plain.safetensors"))
     assert torch.equal(load_file(str(tmp_path / "plain.safetensors"))["blocks.0.ff.layers.0.weight"],
                        tiny_model.blocks[0].ff.layers[0].weight)
+
+
+# -- batches of left-padded prompts ------------------------------------------------------------------
+
+
+def left_padded(sequences: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequences as one (batch, longest) batch padded on the left, and its mask (1 = token, 0 = padding)."""
+    width = max(len(ids) for ids in sequences)
+    idx = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        idx[row, width - len(ids):], mask[row, width - len(ids):] = ids, 1
+    return idx, mask
+
+
+def varied_sequences(cfg, lengths: list[int]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randint(0, cfg.vocab_size, (n,), generator=generator) for n in lengths]
+
+
+def test_left_padded_logits_at_real_positions_equal_each_sequence_alone(tiny_cfg, tiny_model):
+    # given three sequences of different lengths, left-padded into one batch
+    sequences = varied_sequences(tiny_cfg, [7, 16, 2])
+    idx, mask = left_padded(sequences, pad_id=3)
+    # when the batch runs with its attention mask
+    with torch.no_grad():
+        batched = tiny_model(idx, attention_mask=mask)
+        alone = [tiny_model(ids[None])[0] for ids in sequences]
+    # then each row's logits at its real tokens are its logits alone, and padded positions hold no NaN
+    for row, logits in enumerate(alone):
+        torch.testing.assert_close(batched[row, idx.shape[1] - len(logits):], logits, rtol=0, atol=1e-5)
+    assert torch.isfinite(batched).all()
+
+
+def test_padding_tokens_do_not_change_the_real_tokens_logits(tiny_cfg, tiny_model):
+    # given one padded batch, and the same with other ids at the padded places
+    idx, mask = left_padded(varied_sequences(tiny_cfg, [4, 9]))
+    other = idx.masked_fill(mask == 0, 42)
+    with torch.no_grad():
+        first, second = tiny_model(idx, attention_mask=mask), tiny_model(other, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(first[real], second[real], rtol=0, atol=1e-6)
+
+
+def test_cache_carries_the_padding_mask_and_positions_to_later_tokens(tiny_cfg, tiny_model):
+    # given a padded batch and its full forward
+    idx, mask = left_padded(varied_sequences(tiny_cfg, [5, 12, 3]))  # (3, 12)
+    with torch.no_grad():
+        full = tiny_model(idx, attention_mask=mask)
+        # when the first 9 columns (all the padding) go in with their mask, then a chunk of two and
+        # a single token, without one
+        cache = tiny_model.new_kv_cache()
+        pieces = [tiny_model(idx[:, :9], cache, attention_mask=mask[:, :9]),
+                  tiny_model(idx[:, 9:11], cache), tiny_model(idx[:, 11:], cache)]
+    assert [piece.shape[1] for piece in pieces] == [9, 2, 1]
+    # then the logits are those of the full pass, and the cache remembers the padding
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+    assert torch.equal(cache.key_mask, mask.bool())
+
+
+def test_keep_rows_drops_finished_rows_from_the_cache(tiny_cfg, tiny_model):
+    # given a padded batch whose first 10 columns are cached
+    idx, mask = left_padded(varied_sequences(tiny_cfg, [6, 12, 9]))
+    with torch.no_grad():
+        full = tiny_model(idx, attention_mask=mask)
+        cache = tiny_model.new_kv_cache()
+        tiny_model(idx[:, :10], cache, attention_mask=mask[:, :10])
+        # when the middle row leaves the batch
+        cache.keep_rows(torch.tensor([0, 2]))
+        rest = tiny_model(idx[[0, 2], 10:], cache)
+    # then the remaining rows continue as before
+    torch.testing.assert_close(rest, full[[0, 2], 10:], rtol=0, atol=1e-5)
+
+
+def test_forward_without_a_mask_takes_the_unpadded_path_unchanged(tiny_cfg, tiny_model):
+    # given a batch without padding, and a hook recording the mask each attention layer receives
+    torch.manual_seed(2)
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 9))
+    masks: list[object] = []
+    hooks = [block.att.register_forward_pre_hook(lambda module, args: masks.append(args[2]))
+             for block in tiny_model.blocks]
+    try:
+        with torch.no_grad():
+            plain = tiny_model(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # then no mask is built (the fused causal kernel runs), the logits are the plain composition of the
+    # layers, and an all-ones mask gives the same logits
+    assert masks == [None] * tiny_cfg.n_layers
+    with torch.no_grad():
+        x = tiny_model.tok_emb(idx) + tiny_model.pos_emb(torch.arange(9))
+        for block in tiny_model.blocks:
+            x = block(x)
+        reference = tiny_model.out_head(tiny_model.final_norm(x))
+        ones = tiny_model(idx, attention_mask=torch.ones_like(idx))
+    assert torch.equal(plain, reference)
+    torch.testing.assert_close(ones, plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad_mask", [torch.ones(2, 5, dtype=torch.long), torch.ones(2, 6)],
+                         ids=["wrong-shape", "float"])
+def test_attention_mask_of_the_wrong_shape_or_dtype_is_refused(tiny_model, bad_mask):
+    with pytest.raises(ValueError, match=r"attention_mask must be \(batch, n_tokens\) = \(2, 6\)"):
+        tiny_model(torch.zeros(2, 6, dtype=torch.long), attention_mask=bad_mask)
