@@ -13,8 +13,8 @@ from helpers.model import GPTModel, KVCache
 from helpers.runtime import check_count
 from helpers.tokenizers import encode_with_endoftext
 
-__all__ = ["filter_logits", "generate", "generate_batch", "next_token_logits", "sample_next_token", "stream_generate",
-           "text_to_token_ids", "token_ids_to_text"]
+__all__ = ["filter_logits", "generate", "generate_batch", "has_kv_cache", "next_token_logits", "sample_next_token",
+           "stream_generate", "text_to_token_ids", "token_ids_to_text"]
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
@@ -124,10 +124,10 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
     contexts are cropped to the most recent tokens. Generation stops early once every sequence has
     produced ``eos_id``; sequences that finished earlier are padded with ``eos_id``.
 
-    With ``use_cache`` (``GPTModel`` only) the prompt is run once and every later step feeds only
-    the new token, reusing cached keys and values; the tokens are the same as without the cache.
-    When the context outgrows ``context_size`` the cache is rebuilt from the cropped window, since
-    absolute position embeddings shift with the window. Any ``temperature`` > 0 is valid; a tiny
+    With ``use_cache`` (a model with ``new_kv_cache``: ``GPTModel``, ``ModernModel``) the prompt is run
+    once and every later step feeds only the new token, reusing cached keys and values; the tokens
+    are the same as without the cache. When the context outgrows ``context_size`` the cache is
+    rebuilt from the cropped window, since positions shift with the window. Any ``temperature`` > 0 is valid; a tiny
     one (1e-40) is greedy, never NaN (see ``sample_next_token``). Token ids outside the model's
     vocabulary are refused. For prompts of different lengths, see ``generate_batch``.
     """
@@ -138,7 +138,7 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
     check_count("max_new_tokens", max_new_tokens, minimum=0)
     _check_eos_id(eos_id)
     context_size = _context_size(model, context_size)
-    use_cache = use_cache and isinstance(model, GPTModel)
+    use_cache = use_cache and has_kv_cache(model)
 
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     cache = None
@@ -280,7 +280,7 @@ def stream_generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, te
     context_size = _context_size(model, context_size)
     cache = None
     for _ in range(max_new_tokens):
-        logits, cache = next_token_logits(model, idx, cache, context_size, isinstance(model, GPTModel))
+        logits, cache = next_token_logits(model, idx, cache, context_size, has_kv_cache(model))
         next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
         if eos_id is not None and int(next_token) == eos_id:
             return
@@ -293,7 +293,7 @@ def next_token_logits(model: nn.Module, idx: torch.Tensor, cache: KVCache | None
                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache | None]:
     """The logits ``(batch, vocab_size)`` for the token after ``idx``, and the cache to pass next time.
 
-    Without ``use_cache`` the model sees the last ``context_size`` tokens. With it (``GPTModel`` only),
+    Without ``use_cache`` the model sees the last ``context_size`` tokens. With it (see ``has_kv_cache``),
     an empty or full cache is (re)filled from that window, since absolute positions shift with the
     window; otherwise only the newest token goes through the model, reusing the cached keys and values.
     ``attention_mask`` (``GPTModel`` only) marks left padding in ``idx``, as ``GPTModel.forward`` takes
@@ -316,10 +316,17 @@ def _last_logits(model: nn.Module, idx: torch.Tensor, cache: KVCache | None,
     of a small model (vocab_size outputs per position), and a prompt's other positions need none.
     """
     if not isinstance(model, GPTModel):
+        if cache is not None:  # another model with a KV cache (helpers.modern.ModernModel)
+            return model(idx, cache)[:, -1, :]
         masks = {} if attention_mask is None else {"attention_mask": attention_mask}
         return model(idx, **masks)[:, -1, :]
     hidden = model(idx, cache, return_hidden=True, attention_mask=attention_mask)
     return model.out_head(hidden[:, -1, :])  # (batch, emb_dim) -> (batch, vocab_size)
+
+
+def has_kv_cache(model: nn.Module) -> bool:
+    """Whether ``model`` offers the KV cache ``generate(..., use_cache=True)`` uses (a ``new_kv_cache`` method)."""
+    return callable(getattr(model, "new_kv_cache", None))
 
 
 def _check_eos_id(eos_id: int | None) -> None:

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from helpers.data import fetch
-from helpers.generate import generate
+from helpers.generate import generate_batch
 from helpers.runtime import check_count, eval_mode, write_atomically
 from helpers.tokenizers import encode_user_text
 
@@ -245,13 +245,10 @@ def _warn_if_cropped(prompts: Sequence[list[int]], context_size: int | None) -> 
                       "model with a longer context", stacklevel=3)
 
 
-def _equal_length_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped by equal prompt length, at most ``batch_size`` per group (no padding needed)."""
-    by_length: dict[int, list[int]] = {}
-    for index, length in enumerate(lengths):
-        by_length.setdefault(length, []).append(index)
-    return [indices[start:start + batch_size] for indices in by_length.values()
-            for start in range(0, len(indices), batch_size)]
+def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices in order of prompt length, at most ``batch_size`` per batch (so a batch needs little padding)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def _answer_ids(row: list[int], eos_id: int) -> list[int]:
@@ -265,10 +262,12 @@ def generate_responses(model: nn.Module, tokenizer, entries: Sequence[dict], max
     """Answer every entry greedily with the KV cache; return copies of the entries with ``model_response``.
 
     The model is given ``format_input(entry)`` and the response header, generates until ``eos_id`` or
-    ``max_new_tokens``, and the answer is the decoded new tokens, stripped. Entries whose prompts have
-    the same number of tokens are answered together, up to ``batch_size`` at a time: no padding is
-    needed, so the answers are the ones generated one at a time. With ``out_path`` the result is
-    written there as JSON (atomically; missing parent folders are created).
+    ``max_new_tokens``, and the answer is the decoded new tokens, stripped. Entries are answered
+    ``batch_size`` at a time, in order of prompt length (so a batch needs little padding), by
+    ``helpers.generate.generate_batch``, which left-pads each batch and masks the padding: the answers
+    are the ones generated one at a time. ``device`` is ignored (the model's own is used; kept for
+    compatibility). With ``out_path`` the result is written there as JSON (atomically; missing parent
+    folders are created).
 
     A prompt longer than the context (``context_size``, else the model's) is cropped from the left,
     losing the start of its instruction; one warning says how many prompts and by how many tokens at
@@ -276,15 +275,15 @@ def generate_responses(model: nn.Module, tokenizer, entries: Sequence[dict], max
     """
     check_count("batch_size", batch_size)
     check_count("max_new_tokens", max_new_tokens, minimum=0)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     prompts = _prompt_ids(entries, tokenizer)
     _warn_if_cropped(prompts, context_size or getattr(getattr(model, "cfg", None), "context_length", None))
     answers: list[str] = [""] * len(entries)
     with eval_mode(model), tqdm(total=len(entries), desc="answering", unit="entry", disable=not progress) as bar:
-        for group in _equal_length_groups([len(ids) for ids in prompts], batch_size):
-            idx = torch.tensor([prompts[i] for i in group], dtype=torch.long, device=device)
-            out = generate(model, idx, max_new_tokens, context_size=context_size, eos_id=eos_id)
-            for row, i in zip(out[:, idx.shape[1]:].tolist(), group):
+        for group in _length_sorted_batches([len(ids) for ids in prompts], batch_size):
+            # pad id 0: any in-vocabulary id will do, the mask hides it (eos_id may lie outside a small vocabulary)
+            rows = generate_batch(model, [prompts[i] for i in group], max_new_tokens, pad_id=0, eos_id=eos_id,
+                                  context_size=context_size)
+            for row, i in zip(rows, group):
                 answers[i] = tokenizer.decode(_answer_ids(row, eos_id)).strip()
             bar.update(len(group))
     results = [{**entry, "model_response": answer} for entry, answer in zip(entries, answers)]
