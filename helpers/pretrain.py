@@ -25,7 +25,8 @@ SIGTERM) finishes the current step, saves, and exits. A run killed at any moment
 save) leaves a checkpoint that ``--resume`` continues from.
 
 Errors. Every option is checked, and every problem that can be known before training (an
-unwritable ``--out``, a missing ``--data``, options that ``--resume`` would ignore) is reported
+unwritable ``--out`` or ``--cache-dir``, a missing ``--data``, ``--val-fraction 0`` with evaluation on,
+options that ``--resume`` cannot honour) is reported
 before the first step, as one line on stderr: exit status 2. A loss that becomes NaN or infinite
 stops the run without saving (the last checkpoint stays intact): exit status 1.
 
@@ -149,7 +150,7 @@ _RULES = {
     "warmup_steps": ("an integer >= 0", lambda v: v >= 0),
     "eval_every": ("an integer >= 0 (0: never)", lambda v: v >= 0),
     "save_every": ("an integer >= 0 (0: only at the end)", lambda v: v >= 0),
-    "seed": ("an integer >= 0", lambda v: v >= 0),
+    "seed": ("an integer from 0 to 2**64 - 1", lambda v: 0 <= v < 2**64),  # what torch.manual_seed takes
     "lr": ("a finite number > 0", lambda v: _finite(v) and v > 0),
     "min_lr": ("a finite number >= 0", lambda v: _finite(v) and v >= 0),
     "weight_decay": ("a finite number >= 0", lambda v: _finite(v) and v >= 0),
@@ -169,6 +170,10 @@ def validate_args(args: argparse.Namespace) -> None:
             problems.append(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
     if not problems and args.min_lr is not None and args.min_lr > args.lr:
         problems.append(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
+    if not problems and args.val_fraction == 0 and args.eval_every:
+        problems.append(f"--val-fraction 0 leaves no validation split, which evaluation (--eval-every "
+                        f"{args.eval_every}) needs: raise --val-fraction (e.g. 0.1), or pass --eval-every 0 to train "
+                        "without evaluation")
     if problems:
         raise PretrainError("; ".join(problems))
 
@@ -422,10 +427,12 @@ def _load_splits(run: _Run, files: list[Path]) -> None:
         tokens = load_token_cache(files, args.cache_dir, progress=False)
     n_val = int(len(tokens) * args.val_fraction)
     run.train_tokens, run.val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+    advice = {"training": "add data, or lower --context-length or --val-fraction",
+              "validation": "add data, lower --context-length or raise --val-fraction; or pass --eval-every 0"}
     for name, part in (("training", run.train_tokens), ("validation", run.val_tokens)):
         if len(part) <= run.cfg.context_length + 1 and (name == "training" or args.eval_every):
             raise PretrainError(f"the {name} split has {len(part)} tokens, too few for one window of context_length "
-                                f"{run.cfg.context_length}; add data or lower --context-length/--val-fraction")
+                                f"{run.cfg.context_length}: {advice[name]}")
 
 
 def _train_step(run: _Run) -> tuple[float, float]:
@@ -574,7 +581,20 @@ def run(args: argparse.Namespace) -> int:
         env.close()
 
 
+def _check_cache_dir(args) -> None:
+    """Refuse a token cache folder that is a file, or lies below one, before any work."""
+    cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    named = f"--cache-dir {cache_dir}" if args.cache_dir is not None else f"the token cache folder {cache_dir}"
+    for folder in (cache_dir, *cache_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == cache_dir else f"lies below the file {folder}"
+                raise PretrainError(f"{named} {where}, not a folder; choose a folder for the token cache")
+            return
+
+
 def _run(args, env: _Dist) -> int:
+    _check_cache_dir(args)
     _prepare_out_dir(args, env)
     files = expand_data_paths(args.data)
     run = _build_model(args, env)

@@ -458,6 +458,7 @@ def test_dropout_draws_new_masks_at_every_step(workspace, tmp_path, monkeypatch)
     ("--eval-every", "-1"), ("--log-every", "0"), ("--eval-batches", "0"), ("--batch-size", "0"),
     ("--grad-accum", "-1"), ("--max-steps", "0"), ("--emb-dim", "0"), ("--n-layers", "-2"),
     ("--context-length", "0"), ("--peak-flops", "-1000000.0"), ("--peak-flops", "inf"), ("--seed", "-1"),
+    ("--seed", str(2**70)),
 ])
 def test_an_out_of_range_option_is_refused_naming_it_before_any_work(workspace, tmp_path, capsys, flag, value):
     # given a run with one option out of range
@@ -476,6 +477,31 @@ def test_an_out_of_range_option_is_refused_naming_it_before_any_work(workspace, 
 def test_min_lr_above_lr_is_refused(workspace, tmp_path, capsys):
     assert _pretrain(workspace, tmp_path / "out", 2, "--lr", "1e-4", "--min-lr", "1e-3") == 2
     assert "--min-lr (0.001) must not exceed --lr (0.0001)" in capsys.readouterr().err
+
+
+def test_val_fraction_0_with_evaluation_is_refused_saying_evaluation_needs_a_split(workspace, tmp_path, capsys):
+    # given --val-fraction 0 with evaluation on (the default --eval-every)
+    out = tmp_path / "out"
+
+    # when / then it is refused before any work, saying to raise --val-fraction or turn evaluation off
+    assert _pretrain(workspace, out, 1, "--val-fraction", "0", "--eval-every", "5") == 2
+    err = capsys.readouterr().err
+    assert "--val-fraction 0" in err and "raise --val-fraction" in err and "--eval-every 0" in err
+    assert "lower" not in err and not out.exists()
+    # and without evaluation the same split trains
+    assert _pretrain(workspace, out, 1, "--val-fraction", "0", "--eval-every", "0") == 0
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_naming_the_flag(workspace, tmp_path, capsys):
+    # given --cache-dir naming a file, and a folder below that file
+    (tmp_path / "a-file").write_text("not a folder")
+
+    # when / then both are refused in one line naming --cache-dir (not a raw errno), before any output
+    for cache in (tmp_path / "a-file", tmp_path / "a-file" / "tokens"):
+        assert _pretrain(workspace, tmp_path / "out", 1, "--cache-dir", str(cache)) == 2
+        err = capsys.readouterr().err
+        assert f"--cache-dir {cache}" in err and "Errno" not in err and err.count("\n") == 1
+        assert not (tmp_path / "out").exists()
 
 
 def test_an_out_folder_that_cannot_be_a_folder_is_refused_before_tokenizing(workspace, tmp_path, capsys):
