@@ -420,6 +420,39 @@ def test_grad_accum_of_two_half_batches_gives_the_weights_of_one_full_batch(work
 
     # then the weights agree: the micro-batches together are the 4 rows of the big batch, each used once
     assert _max_abs_diff(tmp_path / "accum" / "model.safetensors", tmp_path / "whole" / "model.safetensors") <= 1e-6
+    # and so do the logged losses: each micro-batch's mean loss counts half (AdamW and clipping would hide a
+    # gradient twice too large, the logged loss does not)
+    accum = [r["loss"] for r in _log(tmp_path / "accum") if "loss" in r]
+    whole = [r["loss"] for r in _log(tmp_path / "whole") if "loss" in r]
+    assert len(accum) == 3 and accum == pytest.approx(whole, abs=1e-5)
+
+
+def _one_sgd_step(batch_size: int, grad_accum: int) -> tuple[float, GPTModel]:
+    """One step of pretrain's own step function with plain SGD and no clipping; return (logged loss, model)."""
+    from helpers.pretrain import _Dist, _Run, _train_step, build_parser
+
+    args = build_parser().parse_args(["--data", "unused", "--out", "unused", "--max-steps", "1", "--seed", "7",
+                                      "--batch-size", str(batch_size), "--grad-accum", str(grad_accum),
+                                      "--grad-clip", "0", "--lr", "0.5", "--precision", "float32"])
+    torch.manual_seed(0)
+    model = GPTModel(TINY_CFG)
+    tokens = np.random.default_rng(0).integers(0, TINY_CFG.vocab_size, size=4000).astype(np.uint16)
+    run = _Run(args, _Dist("cpu"), TINY_CFG, model, torch.optim.SGD(model.parameters(), lr=0.5),
+               forward_model=model, train_tokens=tokens)
+    loss, _ = _train_step(run)
+    return loss, model
+
+
+def test_grad_accum_step_with_sgd_moves_the_weights_as_one_batch_of_all_the_rows():
+    # given pretrain's step with SGD (an update proportional to the gradient, no clipping): the reference is one
+    # batch of 4 rows, against 2 micro-batches of 2 rows (the same rows: they are drawn for the whole step)
+    whole_loss, whole = _one_sgd_step(batch_size=4, grad_accum=1)
+    accum_loss, accum = _one_sgd_step(batch_size=2, grad_accum=2)
+
+    # then the loss and every weight after the step agree
+    assert accum_loss == pytest.approx(whole_loss, abs=1e-5)
+    for (name, a), b in zip(accum.named_parameters(), whole.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
 
 
 def test_dropout_draws_new_masks_at_every_step(workspace, tmp_path, monkeypatch):
