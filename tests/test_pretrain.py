@@ -561,6 +561,7 @@ def test_a_missing_data_path_is_refused_before_any_output(tmp_path, capsys):
     (["--tie-weights"], "--tie-weights"),
     (["--max-steps", "8"], "--max-steps 8 is not beyond the saved step 8"),
     (["--max-steps", "3"], "--max-steps 3 is not beyond the saved step 8"),
+    (["--val-fraction", "0.2"], "--val-fraction 0.2 (saved: 0.1; the validation split would no longer be"),
 ])
 def test_resume_with_options_it_would_ignore_is_refused_and_touches_nothing(full_run, workspace, tmp_path, capsys,
                                                                            options, named):
@@ -572,6 +573,68 @@ def test_resume_with_options_it_would_ignore_is_refused_and_touches_nothing(full
     # when / then resuming it with an option the saved run decides is refused before the first step
     assert _pretrain(workspace, out, 10, "--resume", *options) == 2
     assert named in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_resume_applies_changed_weight_decay_and_clipping_and_says_so(full_run, workspace, tmp_path, capsys,
+                                                                      monkeypatch):
+    # given a copy of a finished run (weight decay 0.1, clipping at 1.0), and AdamW's steps recorded
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    used: list[list[float]] = []
+    holders: list[int | None] = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append([group["weight_decay"] for group in self.param_groups])
+        lock = out / "model.lock"
+        holders.append(json.loads(lock.read_text())["pid"] if lock.is_file() else None)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+
+    # when it is resumed with --weight-decay 0.5 and --grad-clip 0.5
+    capsys.readouterr()
+    assert _pretrain(workspace, out, 10, *SCHEDULE, "--resume", "--weight-decay", "0.5", "--grad-clip", "0.5",
+                     quiet=False) == 0
+
+    # then the optimizer decays the weight matrices by 0.5 (biases and norms still by 0), saves that, and the
+    # output and the log say what changed, in one line
+    assert used == [[0.5, 0.0], [0.5, 0.0]]
+    saved = torch.load(out / "model.state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [group["weight_decay"] for group in saved] == [0.5, 0.0]
+    assert "resume: weight_decay 0.1 -> 0.5, grad_clip 1.0 -> 0.5\n" in capsys.readouterr().out
+    assert {"step": 8, "note": "resume: weight_decay 0.1 -> 0.5, grad_clip 1.0 -> 0.5"} in _log(out)
+    # and the run held the folder's lock through its steps (not only while saving), and removed it at the end
+    assert holders == [os.getpid(), os.getpid()] and not (out / "model.lock").exists()
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused_naming_the_holder(full_run, workspace, tmp_path,
+                                                                               capsys):
+    from helpers.checkpoint import checkpoint_lock
+
+    # given a copy of a finished run whose folder another writer holds
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    before = _snapshot(out)
+    held, release = threading.Event(), threading.Event()
+
+    def other_writer():
+        with checkpoint_lock(out):
+            held.set()
+            release.wait(timeout=60)
+
+    writer = threading.Thread(target=other_writer)
+    writer.start()
+    try:
+        assert held.wait(timeout=60)
+        # when / then resuming it is refused, naming the holder, and nothing changes
+        assert _pretrain(workspace, out, 10, *SCHEDULE, "--resume") == 2
+        assert f"process {os.getpid()} on" in capsys.readouterr().err
+        assert _snapshot(out) == {**before, "model.lock": (out / "model.lock").read_bytes()}
+    finally:
+        release.set()
+        writer.join(timeout=60)
     assert _snapshot(out) == before
 
 
