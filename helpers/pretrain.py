@@ -16,10 +16,10 @@ A resumed model keeps its weights, so ``--resume`` refuses ``--init``.
 
 Resuming. ``--resume`` continues the saved model, optimizer state and step. Options that would change
 the saved model (the sizes, ``--preset``, ``--tie-weights``, ``--init``) or the held-out split
-(``--val-fraction``) are refused. The training options (``--lr`` and its schedule, ``--weight-decay``,
-``--grad-clip``, ``--batch-size``, ``--grad-accum``, ``--seed``, ``--precision``) take this invocation's
-values, set over the loaded optimizer state, and one line (``resume: weight_decay 0.1 -> 0.5``, also in
-``log.jsonl``) names those that differ from the saved run's.
+(``--val-fraction``) are refused. The data and training options (``--data``, ``--lr`` and its
+schedule, ``--weight-decay``, ``--grad-clip``, ``--batch-size``, ``--grad-accum``, ``--seed``,
+``--precision``) take this invocation's values, set over the loaded optimizer state, and one line
+(``resume: weight_decay 0.1 -> 0.5``, also in ``log.jsonl``) names those that differ from the saved run's.
 
 Precision. ``--precision auto`` (the default) computes in bfloat16 under autocast on a CUDA GPU
 that supports it and in float32 elsewhere; ``float32``, ``bfloat16`` and ``float16`` force one
@@ -269,8 +269,8 @@ def _resume_clashes(args, saved: GPTConfig) -> list[str]:
 
 
 # options a resumed run applies in place of the saved ones (the log says which changed), and those it refuses
-_HONOURED_ON_RESUME = ("lr", "min_lr", "warmup_steps", "decay_steps", "weight_decay", "grad_clip", "batch_size",
-                       "grad_accum", "seed", "precision")
+_HONOURED_ON_RESUME = ("data", "lr", "min_lr", "warmup_steps", "decay_steps", "weight_decay", "grad_clip",
+                       "batch_size", "grad_accum", "seed", "precision")
 _REFUSED_ON_RESUME = {"val_fraction": "the validation split would no longer be the tokens held out so far"}
 
 
