@@ -11,18 +11,34 @@ renamed into place, and only then renames the state and the weights over the cur
 ``load_checkpoint`` takes the newest complete pair it finds: the staged pair, the staged weights
 with the current state (a crash between the two final renames), else the current pair. The next
 save finishes or discards what a killed save left, temporary files included.
+
+One writer per folder. A save holds a lock file beside the weights (``model.lock``) that names its
+holder (process id, host, time); a save while another process or thread holds it raises
+``CheckpointLockedError`` naming the holder. ``checkpoint_lock`` holds it across many saves (a
+training run does). The lock is removed when the holder is done; one left by a killed process
+(its process id no longer runs on this host) is taken over. Readers take no lock: a load whose
+files a save renames under it waits for that save to finish and reads again.
+
+The optimizer's class name is saved with its state, and a load into an optimizer of another class
+is refused (a checkpoint older than this check is compared by the settings the optimizer needs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import random
 import shutil
+import socket
+import threading
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,10 +47,10 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from helpers.model import GPTConfig
-from helpers.runtime import remove_stale_temporaries, unwrap_model, write_atomically
+from helpers.runtime import process_alive, remove_stale_temporaries, unwrap_model, write_atomically
 
-__all__ = ["CheckpointError", "checkpoint_paths", "load_checkpoint", "read_config", "recover_interrupted_save",
-           "remove_stale_temporaries", "save_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointLockedError", "checkpoint_lock", "checkpoint_paths", "load_checkpoint",
+           "read_config", "recover_interrupted_save", "remove_stale_temporaries", "save_checkpoint"]
 
 # every config field that changes the shapes or sharing of the weights (dropout does not)
 _STRUCTURAL = tuple(field.name for field in dataclasses.fields(GPTConfig) if field.name != "drop_rate")
@@ -46,6 +62,10 @@ class CheckpointError(ValueError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint file does not exist."""
+
+
+class CheckpointLockedError(CheckpointError):
+    """Another process or thread is writing checkpoints to the folder; the message names it."""
 
 
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -99,6 +119,106 @@ def _restore_rng(states: dict) -> None:
                          "pos": saved["pos"]}, "has_gauss": saved["has_gauss"], "gauss": saved["gauss"]})
 
 
+# ---------------------------------------------------------------------------------------------
+# one writer per folder: a lock file naming its holder
+
+_HELD: dict[str, list[int]] = {}  # lock file -> [thread id, depth] of the locks this process holds
+_HELD_GUARD = threading.Lock()
+_UNNAMED_LOCK_S = 10.0  # a lock file still without its holder's name after this long was left by a killed writer
+
+
+def _lock_path(path: str | os.PathLike) -> Path:
+    weights_path, _ = checkpoint_paths(path)
+    return weights_path.with_name(f"{weights_path.stem}.lock")
+
+
+def _read_holder(lock: Path) -> dict | None:
+    """The holder named in ``lock``; None if it is gone or does not name one (yet)."""
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def _is_stale(lock: Path, holder: dict | None) -> bool:
+    """True if no live process holds ``lock``: its holder is dead on this host, or it never got a holder."""
+    if holder is None:
+        try:
+            return time.time() - lock.stat().st_mtime > _UNNAMED_LOCK_S
+        except FileNotFoundError:  # released meanwhile
+            return True
+    if holder.get("host") != socket.gethostname():
+        return False  # another machine's process: cannot be checked from here
+    # our own process id, not held by this process: an earlier process with the same id left it
+    return holder["pid"] == os.getpid() or not process_alive(holder["pid"])
+
+
+def _locked_message(lock: Path, holder: dict | None, process: str = "process") -> str:
+    who = (f"{process} {holder['pid']} on {holder.get('host')} (since {holder.get('since')})" if holder
+           else "another process")
+    return (f"{lock.parent} is being written by {who}, which holds {lock}: one writer per checkpoint folder. "
+            f"Wait for it to finish or save to another folder; if that process no longer runs, delete {lock}")
+
+
+def _take_lock(lock: Path) -> None:
+    """Create ``lock`` naming this process, taking over a stale one; raise ``CheckpointLockedError`` if held."""
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for _ in range(3):
+        try:
+            descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_holder(lock)
+            if not _is_stale(lock, holder):
+                raise CheckpointLockedError(_locked_message(lock, holder)) from None
+            if _read_holder(lock) == holder:  # still the dead holder's, not one that took it over meanwhile
+                lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(json.dumps(me))
+        return
+    raise CheckpointLockedError(_locked_message(lock, _read_holder(lock)))
+
+
+def _release_lock(lock: Path) -> None:
+    holder = _read_holder(lock)
+    if holder is not None and (holder["pid"], holder.get("host")) == (os.getpid(), socket.gethostname()):
+        lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def checkpoint_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """``with checkpoint_lock(path):`` makes this thread the one writer of the checkpoint at ``path``; yields the lock.
+
+    Re-entrant in one thread (``save_checkpoint`` inside the block takes it again). Raises
+    ``CheckpointLockedError`` naming the holder when another process or thread holds it; a lock
+    whose process no longer runs on this host is taken over. The folder must exist.
+    """
+    lock = _lock_path(path)
+    key = str(lock.absolute())
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None and held[0] != threading.get_ident():
+            raise CheckpointLockedError(_locked_message(lock, _read_holder(lock), "another thread of process"))
+        if held is None:
+            _take_lock(lock)
+            held = _HELD[key] = [threading.get_ident(), 0]
+        held[1] += 1
+    try:
+        yield lock
+    finally:
+        with _HELD_GUARD:
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[key]
+                _release_lock(lock)
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+
+
 def _staging_paths(weights_path: Path) -> tuple[Path, Path]:
     """Where a save writes its new pair before renaming it over the current one."""
     return checkpoint_paths(weights_path.with_name(f"{weights_path.stem}.new.safetensors"))
@@ -127,22 +247,24 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     _check_plain(state, "state")
     weights_path, state_path = checkpoint_paths(path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_save(weights_path)
-    save_id = uuid.uuid4().hex
-    config = _config_of(model)
-    bundle = {
-        "save_id": save_id,
-        "config": config,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "rng": _rng_states(),
-        "state": state,
-    }
-    metadata = {"format": "pt", "save_id": save_id, "config": json.dumps(config)}
-    new_weights, new_state = _staging_paths(weights_path)
-    write_atomically(new_state, lambda tmp: torch.save(bundle, tmp))
-    write_atomically(new_weights, lambda tmp: _save_weights(model, tmp, metadata))
-    os.replace(new_state, state_path)  # from here until the next line, the pair is (new weights, this state)
-    os.replace(new_weights, weights_path)
+    with checkpoint_lock(weights_path):
+        recover_interrupted_save(weights_path)
+        save_id = uuid.uuid4().hex
+        config = _config_of(model)
+        bundle = {
+            "save_id": save_id,
+            "config": config,
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
+            "rng": _rng_states(),
+            "state": state,
+        }
+        metadata = {"format": "pt", "save_id": save_id, "config": json.dumps(config)}
+        new_weights, new_state = _staging_paths(weights_path)
+        write_atomically(new_state, lambda tmp: torch.save(bundle, tmp))
+        write_atomically(new_weights, lambda tmp: _save_weights(model, tmp, metadata))
+        os.replace(new_state, state_path)  # from here until the next line, the pair is (new weights, this state)
+        os.replace(new_weights, weights_path)
     return weights_path
 
 
@@ -150,19 +272,22 @@ def recover_interrupted_save(path: str | os.PathLike) -> Path | None:
     """Finish or discard what a killed ``save_checkpoint`` left at ``path``; return the weights path in use.
 
     The newest complete pair is renamed into place, staging and stale temporary files are deleted;
-    a folder without a checkpoint gets None.
+    a folder without a checkpoint gets None. Holds the folder's lock (``checkpoint_lock``) meanwhile.
     """
     weights_path, state_path = checkpoint_paths(path)
+    if not weights_path.parent.is_dir():
+        return None
     new_weights, new_state = _staging_paths(weights_path)
-    for leftover in (weights_path, state_path, new_weights, new_state):
-        remove_stale_temporaries(leftover)
-    pair = _newest_pair(weights_path)
-    if pair is not None and pair[1] == new_state:
-        os.replace(new_state, state_path)
-    if pair is not None and pair[0] == new_weights:
-        os.replace(new_weights, weights_path)
-    for leftover in (new_weights, new_state):
-        leftover.unlink(missing_ok=True)
+    with checkpoint_lock(weights_path):
+        for leftover in (weights_path, state_path, new_weights, new_state):
+            remove_stale_temporaries(leftover)
+        pair = _newest_pair(weights_path)
+        if pair is not None and pair[1] == new_state:
+            os.replace(new_state, state_path)
+        if pair is not None and pair[0] == new_weights:
+            os.replace(new_weights, weights_path)
+        for leftover in (new_weights, new_state):
+            leftover.unlink(missing_ok=True)
     return weights_path if pair is not None or weights_path.is_file() else None
 
 
@@ -220,11 +345,12 @@ def read_config(path: str | os.PathLike) -> dict | None:
     Lets a caller build the right model before ``load_checkpoint``; None if the model had no config.
     A config that is not a dict or lacks one of ``GPTConfig``'s fields raises ``CheckpointError``.
     """
-    weights_path, _ = _files_to_load(path)
-    if not weights_path.is_file():
-        raise CheckpointNotFoundError(f"checkpoint file {weights_path} does not exist")
-    _, metadata = _read_header(weights_path)
-    return _parse_config(weights_path, metadata)
+    def read() -> dict | None:
+        weights_path, _ = _files_to_load(path)
+        _, metadata = _read_header_of_chosen(weights_path)
+        return _parse_config(weights_path, metadata)
+
+    return _read_consistently(path, read)
 
 
 def _parse_config(weights_path: Path, metadata: dict) -> dict | None:
@@ -274,35 +400,126 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 
     The returned dict holds the extra ``state`` saved with it, plus ``config`` and ``rng``. With
     ``restore_rng=True`` the Python, NumPy and PyTorch generators continue where the save left them.
-    Raises ``CheckpointError`` naming the file when it is missing, damaged or does not fit.
+    Raises ``CheckpointError`` naming the file when it is missing, damaged or does not fit (an
+    optimizer of another class than the saved one included). A save that renames the files while
+    they are read is waited for, and the files read again.
     """
+    bundle, state_path = _read_consistently(path, lambda: _load_once(path, model, optimizer))
+    if optimizer is not None:
+        _load_optimizer_state(optimizer, bundle, state_path)
+    if restore_rng:
+        _restore_rng(bundle["rng"])
+    return {**bundle["state"], "config": bundle["config"], "rng": bundle["rng"]}
+
+
+def _load_once(path: str | os.PathLike, model: nn.Module,
+               optimizer: torch.optim.Optimizer | None) -> tuple[dict, Path]:
+    """Check the chosen pair and load its weights into ``model``; return its state bundle and state file."""
     weights_path, state_path = _files_to_load(path)
-    for required in (weights_path, state_path):
-        if not required.is_file():
-            raise CheckpointNotFoundError(f"checkpoint file {required} does not exist")
-    stored, metadata = _read_header(weights_path)
+    stored, metadata = _read_header_of_chosen(weights_path)
     _check_fits(weights_path, model, stored, metadata)
     try:
         bundle = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, or a pickle that is not plain data
+        _raise_if_gone(state_path)
         raise CheckpointError(f"{state_path} is truncated or not a checkpoint state file ({error})") from error
     if not isinstance(bundle, dict) or bundle.get("save_id") != metadata.get("save_id"):
-        raise CheckpointError(f"{state_path} does not belong to {weights_path} (different saves); "
-                              "one of the two files was replaced by hand or copied from another run: "
-                              "restore the matching file, or start from another checkpoint")
+        raise _ChangedWhileReading(CheckpointError(
+            f"{state_path} does not belong to {weights_path} (different saves); one of the two files was replaced "
+            "by hand or copied from another run: restore the matching file, or start from another checkpoint"))
+    if optimizer is not None:
+        _check_optimizer_class(optimizer, bundle, state_path)
     target = unwrap_model(model)
     device = next(target.parameters()).device
     try:
         load_model(target, str(weights_path), strict=True, device=str(device))
     except Exception as error:
+        _raise_if_gone(weights_path)
         raise CheckpointError(f"{weights_path} could not be read ({error})") from error
-    if optimizer is not None:
-        if bundle["optimizer"] is None:
-            raise CheckpointError(f"{state_path} holds no optimizer state (it was saved without an optimizer)")
+    if _save_id_of_weights(weights_path) != metadata.get("save_id"):  # renamed over between header and load
+        raise _ChangedWhileReading(CheckpointError(f"{weights_path} was replaced by another save while it was read"))
+    return bundle, state_path
+
+
+def _check_optimizer_class(optimizer: torch.optim.Optimizer, bundle: dict, state_path: Path) -> None:
+    if bundle["optimizer"] is None:
+        raise CheckpointError(f"{state_path} holds no optimizer state (it was saved without an optimizer)")
+    saved, this = bundle.get("optimizer_class"), type(optimizer).__name__
+    if saved is not None and saved != this:
+        raise CheckpointError(f"{state_path} holds the state of a {saved} optimizer, which a {this} cannot use; "
+                              f"build a {saved} to continue this run, or load the weights without an optimizer")
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, bundle: dict, state_path: Path) -> None:
+    """Load the saved optimizer state; a checkpoint without the class name is checked by the settings it holds."""
+    previous = optimizer.state_dict()
+    try:
+        optimizer.load_state_dict(bundle["optimizer"])
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"{state_path}: the optimizer state does not fit this optimizer ({error})") from error
+    missing = sorted({key for group in optimizer.param_groups for key in optimizer.defaults if key not in group})
+    if missing:  # the saved settings are another optimizer class's (its first step would raise KeyError)
+        optimizer.load_state_dict(previous)
+        raise CheckpointError(f"{state_path}: the saved optimizer settings lack {', '.join(missing)}, which "
+                              f"{type(optimizer).__name__} needs: they were saved by another optimizer class; build "
+                              "that one to continue this run, or load the weights without an optimizer")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading while a save may rename the files
+
+
+_READ_ATTEMPTS = 4
+_SAVE_WAIT_S = 10.0  # the longest a reader waits for a save in progress before reading again
+Result = TypeVar("Result")
+
+
+class _ChangedWhileReading(Exception):
+    """The files a reader chose were renamed by a save; ``error`` is raised if that keeps happening."""
+
+    def __init__(self, error: CheckpointError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _raise_if_gone(path: Path) -> None:
+    if not path.is_file():
+        raise _ChangedWhileReading(CheckpointNotFoundError(f"checkpoint file {path} does not exist"))
+
+
+def _read_header_of_chosen(weights_path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    _raise_if_gone(weights_path)
+    try:
+        return _read_header(weights_path)
+    except CheckpointError:
+        _raise_if_gone(weights_path)
+        raise
+
+
+def _lock_held(lock: Path) -> bool:
+    with _HELD_GUARD:
+        if str(lock.absolute()) in _HELD:
+            return True
+    return lock.exists() and not _is_stale(lock, _read_holder(lock))
+
+
+def _read_consistently(path: str | os.PathLike, read: Callable[[], Result]) -> Result:
+    """Call ``read``; when a save renamed the files under it, wait for that save to finish and read again."""
+    weights_path, _ = checkpoint_paths(path)
+    lock = _lock_path(path)
+    for attempt in range(_READ_ATTEMPTS - 1):
         try:
-            optimizer.load_state_dict(bundle["optimizer"])
-        except (ValueError, KeyError) as error:
-            raise CheckpointError(f"{state_path}: the optimizer state does not fit this optimizer ({error})") from error
-    if restore_rng:
-        _restore_rng(bundle["rng"])
-    return {**bundle["state"], "config": bundle["config"], "rng": bundle["rng"]}
+            return read()
+        except _ChangedWhileReading:
+            deadline = time.monotonic() + _SAVE_WAIT_S
+            time.sleep(0.05 * (attempt + 1))
+            while (time.monotonic() < deadline and _lock_held(lock)
+                   and any(staged.exists() for staged in _staging_paths(weights_path))):
+                time.sleep(0.05)
+    try:
+        return read()
+    except _ChangedWhileReading as changed:
+        if _lock_held(lock):  # a writer kept renaming the files: say so, rather than blame a hand-made copy
+            raise type(changed.error)(f"{changed.error}. The checkpoint changed while it was read, {_READ_ATTEMPTS} "
+                                      f"times: {_locked_message(lock, _read_holder(lock))}") from None
+        raise changed.error from None

@@ -10,7 +10,10 @@ The tokens are exactly those of tokenizing each file whole (``encode_ordinary``)
 space or a line break: GPT-2's pre-tokenizer never joins such a pair (a word, number or
 punctuation run ends before whitespace, and it has no look-behind), so the pieces' tokens are the
 whole file's. A manifest beside the cache records what it was built from (each file's size and
-sha256, the token counts per file); a cache that disagrees with it is rebuilt, never used.
+sha256, the token counts per file, the sha256 of the token file itself); a cache that disagrees with
+it is rebuilt, never used. The token file's hash is checked on every use (one read of the cache per
+run), so damage that keeps its size (a flipped byte could be token 65535, beyond the vocabulary)
+is caught too.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from helpers.data import sha256_file
 from helpers.runtime import remove_stale_temporaries, write_atomically
 
 __all__ = ["default_cache_dir", "expand_data_paths", "load_token_cache", "token_batch"]
@@ -67,8 +71,6 @@ def expand_data_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 def _fingerprint(files: list[Path]) -> tuple[str, list[str]]:
     """The cache's name (tokenizer, format and contents of ``files``) and each file's sha256."""
-    from helpers.data import sha256_file
-
     hashes = [sha256_file(path) for path in files]
     digest = hashlib.sha256(f"{_TOKENIZER}/format-{_FORMAT}".encode())
     for file_hash in hashes:
@@ -108,6 +110,7 @@ def _manifest_problem(target: Path, files: list[Path], hashes: list[str]) -> str
         manifest = json.loads(manifest_path.read_text())
         counts = [int(count) for count in manifest["doc_tokens"]]
         claims = (manifest["tokenizer"], manifest["format"], manifest["dtype"], manifest["sha256"], manifest["sizes"])
+        tokens_sha256 = manifest["tokens_sha256"]
     except (ValueError, KeyError, TypeError) as error:
         return f"its manifest is unreadable ({error})"
     if claims != (_TOKENIZER, _FORMAT, "uint16", hashes, [path.stat().st_size for path in files]):
@@ -118,28 +121,34 @@ def _manifest_problem(target: Path, files: list[Path], hashes: list[str]) -> str
     ends = np.cumsum(counts) - 1
     if len(counts) != len(files) or (len(ends) and not np.all(tokens[ends] == _EOT)):
         return "its documents do not end with <|endoftext|> where the manifest says"
+    if sha256_file(target) != tokens_sha256:
+        return "its tokens do not hash to the sha256 in its manifest (the file was changed or damaged)"
     return None
 
 
-def _write_tokens(tmp: Path, files: list[Path], chunk_chars: int, progress: bool) -> list[int]:
-    """Encode ``files`` into ``tmp`` as uint16, each followed by <|endoftext|>; return each file's token count."""
+def _write_tokens(tmp: Path, files: list[Path], chunk_chars: int, progress: bool) -> tuple[list[int], str]:
+    """Encode ``files`` into ``tmp`` as uint16, each followed by <|endoftext|>; return each file's token count
+    and the sha256 of the bytes written."""
     from helpers.tokenizers import gpt2_tokenizer
 
     tokenizer = gpt2_tokenizer()
-    counts = []
+    counts, digest = [], hashlib.sha256()
     total_bytes = sum(path.stat().st_size for path in files)
     with open(tmp, "wb") as out, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
                                       disable=not progress) as bar:
         for path in files:
             count = 0
             for piece in _text_pieces(path.read_text(encoding="utf-8", errors="replace"), chunk_chars):
-                ids = np.asarray(tokenizer.encode_ordinary(piece), dtype=np.uint16)
-                out.write(ids.tobytes())
-                count += len(ids)
+                ids = np.asarray(tokenizer.encode_ordinary(piece), dtype=np.uint16).tobytes()
+                out.write(ids)
+                digest.update(ids)
+                count += len(ids) // 2
                 bar.update(len(piece.encode("utf-8", errors="replace")))
-            out.write(np.asarray([tokenizer.eot_token], dtype=np.uint16).tobytes())
+            eot = np.asarray([tokenizer.eot_token], dtype=np.uint16).tobytes()
+            out.write(eot)
+            digest.update(eot)
             counts.append(count + 1)
-    return counts
+    return counts, digest.hexdigest()
 
 
 def load_token_cache(files: list[Path], cache_dir: Path | None = None, progress: bool = True, *,
@@ -159,11 +168,12 @@ def load_token_cache(files: list[Path], cache_dir: Path | None = None, progress:
         remove_stale_temporaries(leftover)
     if _manifest_problem(target, files, hashes) is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        counts: list[int] = []
-        write_atomically(target, lambda tmp: counts.extend(_write_tokens(tmp, files, chunk_chars, progress)))
+        written: list[tuple[list[int], str]] = []
+        write_atomically(target, lambda tmp: written.append(_write_tokens(tmp, files, chunk_chars, progress)))
+        [(counts, tokens_sha256)] = written
         manifest = {"tokenizer": _TOKENIZER, "format": _FORMAT, "dtype": "uint16", "files": [str(p) for p in files],
                     "sizes": [path.stat().st_size for path in files], "sha256": hashes, "doc_tokens": counts,
-                    "tokens": sum(counts)}
+                    "tokens": sum(counts), "tokens_sha256": tokens_sha256}
         write_atomically(target.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     return np.memmap(target, dtype=np.uint16, mode="r")
 

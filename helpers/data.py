@@ -260,6 +260,12 @@ def fetch(name: str, *, progress: bool = True) -> Path:
                 f"LLM_DATA_MIRROR is set to {mirror}, but it has no {entry.file} for {entry.name!r}; "
                 f"put the file there, or unset LLM_DATA_MIRROR to download from {entry.urls[0]}"
             )
+        actual = source.stat().st_size
+        if actual != entry.size:  # refused before copying or hashing what may be hundreds of megabytes
+            raise DataError(
+                f"the mirror file {source} has {actual:,} bytes, but {entry.name!r} has {entry.size:,}; "
+                f"it is truncated or a different version: replace it with the file from {entry.urls[0]}"
+            )
         _install(source, entry, target, f"the mirror file {source}")
         return target
 

@@ -14,6 +14,13 @@ Initialisation. A new model gets GPT-2's scheme (``--init gpt2``, the default:
 1/sqrt(2 x n_layers)) or PyTorch's default initialisation of each layer (``--init pytorch``).
 A resumed model keeps its weights, so ``--resume`` refuses ``--init``.
 
+Resuming. ``--resume`` continues the saved model, optimizer state and step. Options that would change
+the saved model (the sizes, ``--preset``, ``--tie-weights``, ``--init``) or the held-out split
+(``--val-fraction``) are refused. The data and training options (``--data``, ``--lr`` and its
+schedule, ``--weight-decay``, ``--grad-clip``, ``--batch-size``, ``--grad-accum``, ``--seed``,
+``--precision``) take this invocation's values, set over the loaded optimizer state, and one line
+(``resume: weight_decay 0.1 -> 0.5``, also in ``log.jsonl``) names those that differ from the saved run's.
+
 Precision. ``--precision auto`` (the default) computes in bfloat16 under autocast on a CUDA GPU
 that supports it and in float32 elsewhere; ``float32``, ``bfloat16`` and ``float16`` force one
 (``helpers.runtime.autocast``). Weights and optimizer state stay float32.
@@ -22,10 +29,13 @@ Files. ``DIR/model.safetensors`` holds the latest weights (loadable by
 ``helpers.train.load_checkpoint`` and ``helpers.weights.load_gpt2``), ``DIR/model.state.pt`` the
 optimizer state and step beside it, ``DIR/log.jsonl`` one line per logged step. Ctrl-C (or
 SIGTERM) finishes the current step, saves, and exits. A run killed at any moment (even during a
-save) leaves a checkpoint that ``--resume`` continues from.
+save) leaves a checkpoint that ``--resume`` continues from. While a run lives, ``DIR/model.lock``
+names it (process id, host, start time), so a second run into the same ``--out`` is refused; a lock
+left by a killed run is taken over (``helpers.checkpoint.checkpoint_lock``).
 
 Errors. Every option is checked, and every problem that can be known before training (an
-unwritable ``--out``, a missing ``--data``, options that ``--resume`` would ignore) is reported
+unwritable ``--out`` or ``--cache-dir``, a missing ``--data``, ``--val-fraction 0`` with evaluation on,
+options that ``--resume`` cannot honour) is reported
 before the first step, as one line on stderr: exit status 2. A loss that becomes NaN or infinite
 stops the run without saving (the last checkpoint stays intact): exit status 1.
 
@@ -59,6 +69,7 @@ from torch import nn
 from helpers import runtime
 from helpers.checkpoint import (
     CheckpointError,
+    checkpoint_lock,
     checkpoint_paths,
     load_checkpoint,
     read_config,
@@ -149,7 +160,7 @@ _RULES = {
     "warmup_steps": ("an integer >= 0", lambda v: v >= 0),
     "eval_every": ("an integer >= 0 (0: never)", lambda v: v >= 0),
     "save_every": ("an integer >= 0 (0: only at the end)", lambda v: v >= 0),
-    "seed": ("an integer >= 0", lambda v: v >= 0),
+    "seed": ("an integer from 0 to 2**64 - 1", lambda v: 0 <= v < 2**64),  # what torch.manual_seed takes
     "lr": ("a finite number > 0", lambda v: _finite(v) and v > 0),
     "min_lr": ("a finite number >= 0", lambda v: _finite(v) and v >= 0),
     "weight_decay": ("a finite number >= 0", lambda v: _finite(v) and v >= 0),
@@ -169,6 +180,10 @@ def validate_args(args: argparse.Namespace) -> None:
             problems.append(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
     if not problems and args.min_lr is not None and args.min_lr > args.lr:
         problems.append(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
+    if not problems and args.val_fraction == 0 and args.eval_every:
+        problems.append(f"--val-fraction 0 leaves no validation split, which evaluation (--eval-every "
+                        f"{args.eval_every}) needs: raise --val-fraction (e.g. 0.1), or pass --eval-every 0 to train "
+                        "without evaluation")
     if problems:
         raise PretrainError("; ".join(problems))
 
@@ -253,6 +268,26 @@ def _resume_clashes(args, saved: GPTConfig) -> list[str]:
     return clashes
 
 
+# options a resumed run applies in place of the saved ones (the log says which changed), and those it refuses
+_HONOURED_ON_RESUME = ("data", "lr", "min_lr", "warmup_steps", "decay_steps", "weight_decay", "grad_clip",
+                       "batch_size", "grad_accum", "seed", "precision")
+_REFUSED_ON_RESUME = {"val_fraction": "the validation split would no longer be the tokens held out so far"}
+
+
+def _resume_changes(saved_args: dict, args) -> str:
+    """The honoured options that differ from the saved run's (``"weight_decay 0.1 -> 0.5"``); refuse the others."""
+    def differs(name: str) -> bool:
+        return name in saved_args and saved_args[name] != getattr(args, name)
+
+    refused = [f"--{name.replace('_', '-')} {getattr(args, name)} (saved: {saved_args[name]}; {why})"
+               for name, why in _REFUSED_ON_RESUME.items() if differs(name)]
+    if refused:
+        raise PretrainError(f"--resume cannot honour {', '.join(refused)}; leave it out to continue, "
+                            "or start a new run in another --out")
+    return ", ".join(f"{name} {saved_args[name]} -> {getattr(args, name)}" for name in _HONOURED_ON_RESUME
+                     if differs(name))
+
+
 def _model_config(args, saved: dict | None) -> GPTConfig:
     """The config of a new model (preset, then the sizes given), or the saved one when resuming."""
     if saved is not None:
@@ -321,6 +356,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     step: int = 0
     tokens_seen: int = 0
+    resume_changes: str = ""  # the options this resumed run changed, "weight_decay 0.1 -> 0.5, ..."
     forward_model: nn.Module | None = None  # the model wrapped by DDP and torch.compile
     train_tokens: np.ndarray | None = None
     val_tokens: np.ndarray | None = None
@@ -334,12 +370,18 @@ class _Run:
         return self.rows_per_step * self.cfg.context_length
 
 
-def _prepare_out_dir(args, env: _Dist) -> Path:
-    """Check ``--out`` against ``--resume`` and that it can be written; finish a save a kill interrupted."""
+def _prepare_out_dir(args, env: _Dist, locks: contextlib.ExitStack) -> Path:
+    """Check ``--out`` against ``--resume`` and that it can be written; finish a save a kill interrupted.
+
+    Rank 0 holds the folder's checkpoint lock (entered into ``locks``) from here to the end of the run,
+    so a second run into the same ``--out`` is refused before it changes anything.
+    """
     out_dir: Path = args.out
     if out_dir.exists() and not out_dir.is_dir():
         raise PretrainError(f"--out {out_dir} is a file, not a folder; choose a folder")
-    if env.main and out_dir.is_dir():
+    locked = env.main and out_dir.is_dir()
+    if locked:
+        locks.enter_context(checkpoint_lock(out_dir))
         recover_interrupted_save(out_dir)  # a run killed while saving: keep the newest whole checkpoint
     env.barrier()
     weights_path, _ = checkpoint_paths(out_dir)
@@ -349,6 +391,8 @@ def _prepare_out_dir(args, env: _Dist) -> Path:
         raise PretrainError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     if env.main:
         _check_writable(out_dir)
+        if not locked:  # a new folder: lock it now that it exists
+            locks.enter_context(checkpoint_lock(out_dir))
         stale_log = out_dir / "log.jsonl"
         if not args.resume and stale_log.exists():  # left by a run that never saved: keep it aside
             os.replace(stale_log, out_dir / f"log.{int(time.time())}.jsonl")
@@ -379,7 +423,12 @@ def _build_model(args, env: _Dist) -> _Run:
     model.to(env.device)
     run = _Run(args, env, cfg, model, _optimizer(model, args, env.device))
     if args.resume:
+        settings = [{key: value for key, value in group.items() if key != "params"}
+                    for group in run.optimizer.param_groups]
         state = load_checkpoint(args.out, model, run.optimizer)
+        for group, wanted in zip(run.optimizer.param_groups, settings):
+            group.update(wanted)  # loading restored the saved settings (weight decay...): these options win
+        run.resume_changes = _resume_changes(state.get("args") or {}, args)
         run.step, run.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         if args.max_steps <= run.step:
             raise PretrainError(f"--max-steps {args.max_steps} is not beyond the saved step {run.step}; "
@@ -422,10 +471,12 @@ def _load_splits(run: _Run, files: list[Path]) -> None:
         tokens = load_token_cache(files, args.cache_dir, progress=False)
     n_val = int(len(tokens) * args.val_fraction)
     run.train_tokens, run.val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+    advice = {"training": "add data, or lower --context-length or --val-fraction",
+              "validation": "add data, lower --context-length or raise --val-fraction; or pass --eval-every 0"}
     for name, part in (("training", run.train_tokens), ("validation", run.val_tokens)):
         if len(part) <= run.cfg.context_length + 1 and (name == "training" or args.eval_every):
             raise PretrainError(f"the {name} split has {len(part)} tokens, too few for one window of context_length "
-                                f"{run.cfg.context_length}; add data or lower --context-length/--val-fraction")
+                                f"{run.cfg.context_length}: {advice[name]}")
 
 
 def _train_step(run: _Run) -> tuple[float, float]:
@@ -517,7 +568,9 @@ def _log(record: dict, out_dir: Path, quiet: bool) -> None:
         handle.write(json.dumps(record) + "\n")
     if quiet:
         return
-    if "val_loss" in record:
+    if "note" in record:
+        print(record["note"], flush=True)
+    elif "val_loss" in record:
         print(f"step {record['step']:>6} | val loss {record['val_loss']:.4f}", flush=True)
     else:
         mfu = f" | MFU {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else ""
@@ -574,12 +627,32 @@ def run(args: argparse.Namespace) -> int:
         env.close()
 
 
+def _check_cache_dir(args) -> None:
+    """Refuse a token cache folder that is a file, or lies below one, before any work."""
+    cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    named = f"--cache-dir {cache_dir}" if args.cache_dir is not None else f"the token cache folder {cache_dir}"
+    for folder in (cache_dir, *cache_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == cache_dir else f"lies below the file {folder}"
+                raise PretrainError(f"{named} {where}, not a folder; choose a folder for the token cache")
+            return
+
+
 def _run(args, env: _Dist) -> int:
-    _prepare_out_dir(args, env)
+    _check_cache_dir(args)
+    with contextlib.ExitStack() as locks:
+        _prepare_out_dir(args, env, locks)
+        return _run_locked(args, env)
+
+
+def _run_locked(args, env: _Dist) -> int:
     files = expand_data_paths(args.data)
     run = _build_model(args, env)
     _load_splits(run, files)
     _announce(run, files)
+    if run.resume_changes and env.main:
+        _log({"step": run.step, "note": f"resume: {run.resume_changes}"}, args.out, args.quiet)
     interrupted = _train(run)
     _save(run)
     if env.main and not args.quiet:

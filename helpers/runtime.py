@@ -102,9 +102,16 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
 def _process_alive(pid: int) -> bool:
     if pid == os.getpid():  # our own leftovers: no write of ours is in progress while we clean
         return False
+    return process_alive(pid)
+
+
+def process_alive(pid: int) -> bool:
+    """True if a process with id ``pid`` runs on this machine (this one included; another user's too)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process, or no such process id at all
         return False
     except PermissionError:  # it exists, under another user
         return True

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -462,3 +464,165 @@ def test_a_process_killed_with_sigkill_while_saving_always_leaves_a_loadable_che
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.state.pt"], finished.stderr
     assert _big_model_version(tmp_path) == last_loaded + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimizer's class
+
+
+def _trained_adamw_checkpoint(folder: Path) -> None:
+    model = _model(seed=1)
+    optimizer = _adamw(model)
+    _train(model, optimizer, [0])
+    save_checkpoint(folder, model, optimizer, step=1)
+
+
+@pytest.mark.parametrize("other", [torch.optim.SGD, torch.optim.Adam])
+def test_adamw_state_is_refused_by_another_optimizer_class_naming_both(tmp_path, other):
+    # given a checkpoint of a model trained one step with AdamW
+    _trained_adamw_checkpoint(tmp_path)
+
+    # when / then loading it into an SGD or Adam optimizer is refused naming both classes, before any weight changes
+    model = _model(seed=2)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"AdamW optimizer.*a {other.__name__} cannot"):
+        load_checkpoint(tmp_path, model, other(model.parameters(), lr=0.1))
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_a_checkpoint_without_the_class_name_is_checked_by_the_optimizer_settings(tmp_path):
+    # given an AdamW checkpoint as saved before the class name was stored
+    _trained_adamw_checkpoint(tmp_path)
+    _, state_path = checkpoint_paths(tmp_path)
+    bundle = torch.load(state_path, weights_only=True)
+    bundle.pop("optimizer_class", None)
+    torch.save(bundle, state_path)
+
+    # when / then an SGD is refused naming what its settings lack (not a KeyError at its first step) and keeps
+    # its own settings, and an AdamW still loads it
+    model = _model(seed=2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(CheckpointError, match="lack dampening, momentum.*another optimizer class"):
+        load_checkpoint(tmp_path, model, sgd)
+    assert sgd.param_groups[0]["momentum"] == 0.9
+    adamw = _adamw(model)
+    assert load_checkpoint(tmp_path, model, adamw)["step"] == 1
+    assert adamw.state_dict()["state"]
+
+
+# ---------------------------------------------------------------------------------------------
+# one writer per folder, and readers during a save
+
+
+_HOLD_LOCK = """
+import sys
+import threading
+from helpers.checkpoint import checkpoint_lock
+with checkpoint_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _lock_holder(folder: Path) -> subprocess.Popen:
+    """A process holding the checkpoint lock of ``folder`` until its stdin is closed."""
+    process = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)], cwd=Path(__file__).parent.parent,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held", process.stderr.read()
+    return process
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(tmp_path):
+    from helpers.checkpoint import CheckpointLockedError
+
+    model = _model()
+    save_checkpoint(tmp_path, model, step=1)
+
+    # given another process holding the folder's lock
+    holder = _lock_holder(tmp_path)
+    try:
+        # when / then a save is refused naming the holder's process id and host, and the checkpoint is untouched
+        with pytest.raises(CheckpointLockedError, match=rf"process {holder.pid} on {socket.gethostname()}"):
+            save_checkpoint(tmp_path, model, step=2)
+        assert load_checkpoint(tmp_path, _model())["step"] == 1
+    finally:
+        holder.communicate("\n", timeout=60)  # a normal exit
+    # and once it exits normally, its lock is gone and the save goes through
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.state.pt"]
+    save_checkpoint(tmp_path, model, step=2)
+
+    # given a holder killed with SIGKILL: its lock file stays behind, naming a dead process
+    holder = _lock_holder(tmp_path)
+    holder.kill()
+    holder.communicate(timeout=60)
+    assert (tmp_path / "model.lock").is_file()
+
+    # when / then the next save takes the stale lock over, and leaves only the pair
+    save_checkpoint(tmp_path, model, step=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.state.pt"]
+    assert load_checkpoint(tmp_path, _model())["step"] == 3
+
+
+def test_two_writer_threads_get_a_clear_refusal_or_a_whole_save(tmp_path):
+    from helpers.checkpoint import CheckpointLockedError
+
+    # given two threads saving 15 versions each into one folder at the same time
+    outcomes: list[str] = []
+
+    def writer(offset: int) -> None:
+        model = _model()
+        for version in range(15):
+            try:
+                save_checkpoint(tmp_path, model, step=offset + version)
+                outcomes.append("saved")
+            except CheckpointLockedError as error:
+                assert "another thread of process" in str(error)
+                outcomes.append("refused")
+            except Exception as error:  # noqa: BLE001 (any other failure is the finding)
+                outcomes.append(f"{type(error).__name__}: {error}")
+
+    threads = [threading.Thread(target=writer, args=(offset,)) for offset in (0, 100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    # then each save either went through whole or was refused naming the holder, and the folder loads
+    assert sorted(set(outcomes)) <= ["refused", "saved"], outcomes
+    assert "saved" in outcomes
+    assert load_checkpoint(tmp_path, _model())["step"] in range(200)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.state.pt"]
+
+
+def test_loads_during_saves_read_a_whole_version(tmp_path):
+    # given a thread saving versions 1..40 (every weight = its version) as fast as it can
+    first = _filled_model(1.0)
+    save_checkpoint(tmp_path, first, _adamw(first), step=1)
+    done = threading.Event()
+    failures: list[str] = []
+
+    def writer() -> None:
+        try:
+            for version in range(2, 41):
+                model = _filled_model(float(version))
+                save_checkpoint(tmp_path, model, _adamw(model), step=version)
+        except Exception as error:  # noqa: BLE001
+            failures.append(f"writer: {type(error).__name__}: {error}")
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+
+    # when the main thread loads the folder again and again meanwhile
+    loaded = []
+    try:
+        while not done.is_set():
+            loaded.append(_loaded_version(tmp_path))
+    except Exception as error:  # noqa: BLE001
+        failures.append(f"reader after {len(loaded)} loads: {type(error).__name__}: {error}")
+    thread.join(timeout=120)
+
+    # then every load read one whole version (weights and state of the same save), never an error
+    assert not failures, failures
+    assert len(loaded) > 5 and loaded == sorted(loaded)

@@ -86,7 +86,14 @@ def _damage_counts(tokens: Path, manifest: Path) -> None:
     manifest.write_text(json.dumps(claims))
 
 
-@pytest.mark.parametrize("damage", [_damage_truncate, _damage_shift, _damage_manifest, _damage_counts])
+def _damage_same_size(tokens: Path, manifest: Path) -> None:  # size and separators intact, a token past the vocab
+    data = bytearray(tokens.read_bytes())
+    data[2:4] = b"\xff\xff"  # the second token of the first document becomes 65535
+    tokens.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_shift, _damage_manifest, _damage_counts,
+                                    _damage_same_size])
 def test_a_cache_that_disagrees_with_its_manifest_is_rebuilt(tmp_path, damage):
     # given two documents and their built cache
     texts = ["The first document.\n\nIt has two paragraphs.", "A second, shorter one."]

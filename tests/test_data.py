@@ -194,6 +194,28 @@ def test_mirror_without_the_file_names_it_and_does_not_download(data_dir, no_net
     assert files_under(data_dir) == []
 
 
+def test_mirror_file_of_the_wrong_size_is_refused_before_copying_or_hashing(data_dir, tmp_path, monkeypatch):
+    # given a mirror whose tinyshakespeare.txt is 10 bytes long, and copying and hashing that fail the test
+    entry = DATASETS["tinyshakespeare"]
+    short_mirror = tmp_path / "short-mirror"
+    (short_mirror / entry.file).parent.mkdir(parents=True)
+    (short_mirror / entry.file).write_bytes(b"0123456789")
+    monkeypatch.setenv("LLM_DATA_MIRROR", str(short_mirror))
+
+    def refuse(*args, **kwargs):
+        pytest.fail("fetch copied or hashed a mirror file whose size already told it was wrong")
+
+    monkeypatch.setattr("helpers.data.shutil.copyfile", refuse)
+    monkeypatch.setattr("helpers.data.sha256_file", refuse)
+
+    # when / then it is refused naming the file, the expected and the actual sizes, and nothing lands
+    with pytest.raises(DataError) as caught:
+        fetch("tinyshakespeare", progress=False)
+    message = str(caught.value)
+    assert str(short_mirror / entry.file) in message and f"{entry.size:,}" in message and "10 bytes" in message
+    assert files_under(data_dir) == []
+
+
 def test_fetch_accepts_the_registry_file_name(mirror, data_dir, no_network):
     assert fetch("the-verdict.txt", progress=False) == data_dir / DATASETS["the-verdict"].file
 

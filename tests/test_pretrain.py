@@ -420,6 +420,39 @@ def test_grad_accum_of_two_half_batches_gives_the_weights_of_one_full_batch(work
 
     # then the weights agree: the micro-batches together are the 4 rows of the big batch, each used once
     assert _max_abs_diff(tmp_path / "accum" / "model.safetensors", tmp_path / "whole" / "model.safetensors") <= 1e-6
+    # and so do the logged losses: each micro-batch's mean loss counts half (AdamW and clipping would hide a
+    # gradient twice too large, the logged loss does not)
+    accum = [r["loss"] for r in _log(tmp_path / "accum") if "loss" in r]
+    whole = [r["loss"] for r in _log(tmp_path / "whole") if "loss" in r]
+    assert len(accum) == 3 and accum == pytest.approx(whole, abs=1e-5)
+
+
+def _one_sgd_step(batch_size: int, grad_accum: int) -> tuple[float, GPTModel]:
+    """One step of pretrain's own step function with plain SGD and no clipping; return (logged loss, model)."""
+    from helpers.pretrain import _Dist, _Run, _train_step, build_parser
+
+    args = build_parser().parse_args(["--data", "unused", "--out", "unused", "--max-steps", "1", "--seed", "7",
+                                      "--batch-size", str(batch_size), "--grad-accum", str(grad_accum),
+                                      "--grad-clip", "0", "--lr", "0.5", "--precision", "float32"])
+    torch.manual_seed(0)
+    model = GPTModel(TINY_CFG)
+    tokens = np.random.default_rng(0).integers(0, TINY_CFG.vocab_size, size=4000).astype(np.uint16)
+    run = _Run(args, _Dist("cpu"), TINY_CFG, model, torch.optim.SGD(model.parameters(), lr=0.5),
+               forward_model=model, train_tokens=tokens)
+    loss, _ = _train_step(run)
+    return loss, model
+
+
+def test_grad_accum_step_with_sgd_moves_the_weights_as_one_batch_of_all_the_rows():
+    # given pretrain's step with SGD (an update proportional to the gradient, no clipping): the reference is one
+    # batch of 4 rows, against 2 micro-batches of 2 rows (the same rows: they are drawn for the whole step)
+    whole_loss, whole = _one_sgd_step(batch_size=4, grad_accum=1)
+    accum_loss, accum = _one_sgd_step(batch_size=2, grad_accum=2)
+
+    # then the loss and every weight after the step agree
+    assert accum_loss == pytest.approx(whole_loss, abs=1e-5)
+    for (name, a), b in zip(accum.named_parameters(), whole.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
 
 
 def test_dropout_draws_new_masks_at_every_step(workspace, tmp_path, monkeypatch):
@@ -458,6 +491,7 @@ def test_dropout_draws_new_masks_at_every_step(workspace, tmp_path, monkeypatch)
     ("--eval-every", "-1"), ("--log-every", "0"), ("--eval-batches", "0"), ("--batch-size", "0"),
     ("--grad-accum", "-1"), ("--max-steps", "0"), ("--emb-dim", "0"), ("--n-layers", "-2"),
     ("--context-length", "0"), ("--peak-flops", "-1000000.0"), ("--peak-flops", "inf"), ("--seed", "-1"),
+    ("--seed", str(2**70)),
 ])
 def test_an_out_of_range_option_is_refused_naming_it_before_any_work(workspace, tmp_path, capsys, flag, value):
     # given a run with one option out of range
@@ -476,6 +510,31 @@ def test_an_out_of_range_option_is_refused_naming_it_before_any_work(workspace, 
 def test_min_lr_above_lr_is_refused(workspace, tmp_path, capsys):
     assert _pretrain(workspace, tmp_path / "out", 2, "--lr", "1e-4", "--min-lr", "1e-3") == 2
     assert "--min-lr (0.001) must not exceed --lr (0.0001)" in capsys.readouterr().err
+
+
+def test_val_fraction_0_with_evaluation_is_refused_saying_evaluation_needs_a_split(workspace, tmp_path, capsys):
+    # given --val-fraction 0 with evaluation on (the default --eval-every)
+    out = tmp_path / "out"
+
+    # when / then it is refused before any work, saying to raise --val-fraction or turn evaluation off
+    assert _pretrain(workspace, out, 1, "--val-fraction", "0", "--eval-every", "5") == 2
+    err = capsys.readouterr().err
+    assert "--val-fraction 0" in err and "raise --val-fraction" in err and "--eval-every 0" in err
+    assert "lower" not in err and not out.exists()
+    # and without evaluation the same split trains
+    assert _pretrain(workspace, out, 1, "--val-fraction", "0", "--eval-every", "0") == 0
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_naming_the_flag(workspace, tmp_path, capsys):
+    # given --cache-dir naming a file, and a folder below that file
+    (tmp_path / "a-file").write_text("not a folder")
+
+    # when / then both are refused in one line naming --cache-dir (not a raw errno), before any output
+    for cache in (tmp_path / "a-file", tmp_path / "a-file" / "tokens"):
+        assert _pretrain(workspace, tmp_path / "out", 1, "--cache-dir", str(cache)) == 2
+        err = capsys.readouterr().err
+        assert f"--cache-dir {cache}" in err and "Errno" not in err and err.count("\n") == 1
+        assert not (tmp_path / "out").exists()
 
 
 def test_an_out_folder_that_cannot_be_a_folder_is_refused_before_tokenizing(workspace, tmp_path, capsys):
@@ -502,6 +561,7 @@ def test_a_missing_data_path_is_refused_before_any_output(tmp_path, capsys):
     (["--tie-weights"], "--tie-weights"),
     (["--max-steps", "8"], "--max-steps 8 is not beyond the saved step 8"),
     (["--max-steps", "3"], "--max-steps 3 is not beyond the saved step 8"),
+    (["--val-fraction", "0.2"], "--val-fraction 0.2 (saved: 0.1; the validation split would no longer be"),
 ])
 def test_resume_with_options_it_would_ignore_is_refused_and_touches_nothing(full_run, workspace, tmp_path, capsys,
                                                                            options, named):
@@ -513,6 +573,68 @@ def test_resume_with_options_it_would_ignore_is_refused_and_touches_nothing(full
     # when / then resuming it with an option the saved run decides is refused before the first step
     assert _pretrain(workspace, out, 10, "--resume", *options) == 2
     assert named in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_resume_applies_changed_weight_decay_and_clipping_and_says_so(full_run, workspace, tmp_path, capsys,
+                                                                      monkeypatch):
+    # given a copy of a finished run (weight decay 0.1, clipping at 1.0), and AdamW's steps recorded
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    used: list[list[float]] = []
+    holders: list[int | None] = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append([group["weight_decay"] for group in self.param_groups])
+        lock = out / "model.lock"
+        holders.append(json.loads(lock.read_text())["pid"] if lock.is_file() else None)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+
+    # when it is resumed with --weight-decay 0.5 and --grad-clip 0.5
+    capsys.readouterr()
+    assert _pretrain(workspace, out, 10, *SCHEDULE, "--resume", "--weight-decay", "0.5", "--grad-clip", "0.5",
+                     quiet=False) == 0
+
+    # then the optimizer decays the weight matrices by 0.5 (biases and norms still by 0), saves that, and the
+    # output and the log say what changed, in one line
+    assert used == [[0.5, 0.0], [0.5, 0.0]]
+    saved = torch.load(out / "model.state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [group["weight_decay"] for group in saved] == [0.5, 0.0]
+    assert "resume: weight_decay 0.1 -> 0.5, grad_clip 1.0 -> 0.5\n" in capsys.readouterr().out
+    assert {"step": 8, "note": "resume: weight_decay 0.1 -> 0.5, grad_clip 1.0 -> 0.5"} in _log(out)
+    # and the run held the folder's lock through its steps (not only while saving), and removed it at the end
+    assert holders == [os.getpid(), os.getpid()] and not (out / "model.lock").exists()
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused_naming_the_holder(full_run, workspace, tmp_path,
+                                                                               capsys):
+    from helpers.checkpoint import checkpoint_lock
+
+    # given a copy of a finished run whose folder another writer holds
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    before = _snapshot(out)
+    held, release = threading.Event(), threading.Event()
+
+    def other_writer():
+        with checkpoint_lock(out):
+            held.set()
+            release.wait(timeout=60)
+
+    writer = threading.Thread(target=other_writer)
+    writer.start()
+    try:
+        assert held.wait(timeout=60)
+        # when / then resuming it is refused, naming the holder, and nothing changes
+        assert _pretrain(workspace, out, 10, *SCHEDULE, "--resume") == 2
+        assert f"process {os.getpid()} on" in capsys.readouterr().err
+        assert _snapshot(out) == {**before, "model.lock": (out / "model.lock").read_bytes()}
+    finally:
+        release.set()
+        writer.join(timeout=60)
     assert _snapshot(out) == before
 
 

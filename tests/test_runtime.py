@@ -113,3 +113,19 @@ def test_record_results_writes_the_numbers_as_json(tmp_path, monkeypatch):
         "notebook": "part02_tokenization", "quick": True, "vocab_size": 1130, "tokens": 5145,
     }
     assert sorted(p.name for p in path.parent.iterdir()) == ["part02_tokenization.json"]
+
+
+def test_process_alive_tells_a_running_process_from_a_finished_one():
+    import os
+    import subprocess
+    import sys
+
+    from helpers.runtime import process_alive
+
+    # given this process, and one that has exited (its id is free, barring reuse)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+
+    # then only this one is alive; ids no process can have are not
+    assert process_alive(os.getpid())
+    assert not process_alive(int(finished.stdout))
+    assert not process_alive(0) and not process_alive(-1) and not process_alive(2**70)
