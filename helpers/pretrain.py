@@ -18,8 +18,9 @@ Resuming. ``--resume`` continues the saved model, optimizer state and step. Opti
 the saved model (the sizes, ``--preset``, ``--tie-weights``, ``--init``) or the held-out split
 (``--val-fraction``) are refused. The data and training options (``--data``, ``--lr`` and its
 schedule, ``--weight-decay``, ``--grad-clip``, ``--batch-size``, ``--grad-accum``, ``--seed``,
-``--precision``) take this invocation's values, set over the loaded optimizer state, and one line
-(``resume: weight_decay 0.1 -> 0.5``, also in ``log.jsonl``) names those that differ from the saved run's.
+``--precision``) keep the saved run's values unless given again; given ones are applied (also over the
+loaded optimizer state), and one line (``resume: weight_decay 0.1 -> 0.5``, also in ``log.jsonl``) names
+those that differ from the saved run's.
 
 Precision. ``--precision auto`` (the default) computes in bfloat16 under autocast on a CUDA GPU
 that supports it and in float32 elsewhere; ``float32``, ``bfloat16`` and ``float16`` force one
@@ -274,6 +275,17 @@ _HONOURED_ON_RESUME = ("data", "lr", "min_lr", "warmup_steps", "decay_steps", "w
 _REFUSED_ON_RESUME = {"val_fraction": "the validation split would no longer be the tokens held out so far"}
 
 
+def _keep_saved_options(args, saved_args: dict) -> None:
+    """Give the honoured options this command line left out their saved values, so a bare ``--resume`` continues
+    the run as it was (``args.explicit``, set by ``main``, names the options given; without it all count as given)."""
+    explicit = getattr(args, "explicit", None)
+    if explicit is None:
+        return
+    for name in _HONOURED_ON_RESUME:
+        if name not in explicit and name in saved_args:
+            setattr(args, name, saved_args[name])
+
+
 def _resume_changes(saved_args: dict, args) -> str:
     """The honoured options that differ from the saved run's (``"weight_decay 0.1 -> 0.5"``); refuse the others."""
     def differs(name: str) -> bool:
@@ -423,11 +435,11 @@ def _build_model(args, env: _Dist) -> _Run:
     model.to(env.device)
     run = _Run(args, env, cfg, model, _optimizer(model, args, env.device))
     if args.resume:
-        settings = [{key: value for key, value in group.items() if key != "params"}
-                    for group in run.optimizer.param_groups]
         state = load_checkpoint(args.out, model, run.optimizer)
-        for group, wanted in zip(run.optimizer.param_groups, settings):
-            group.update(wanted)  # loading restored the saved settings (weight decay...): these options win
+        _keep_saved_options(args, state.get("args") or {})
+        for group, wanted in zip(run.optimizer.param_groups, _optimizer(model, args, env.device).param_groups):
+            # loading restored the saved settings (weight decay...): this run's options win
+            group.update({key: value for key, value in wanted.items() if key != "params"})
         run.resume_changes = _resume_changes(state.get("args") or {}, args)
         run.step, run.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         if args.max_steps <= run.step:
@@ -531,7 +543,7 @@ def _evaluate(run: _Run) -> float:
 
 def _save(run: _Run) -> None:
     if run.env.main:
-        run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()}
+        run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items() if k != "explicit"}
         save_checkpoint(run.args.out, run.model, run.optimizer, step=run.step, tokens_seen=run.tokens_seen,
                         args=run_args)
     run.env.barrier()
@@ -687,6 +699,14 @@ def _train(run: _Run) -> bool:
     return False
 
 
+def _explicit_options(argv: list[str] | None) -> frozenset[str]:
+    """The destinations of the options given on the command line (parsed again with every default suppressed)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(probe.parse_args(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: run, and turn a failure into one line on stderr and an exit status.
 
@@ -694,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.explicit = _explicit_options(argv)
     try:
         return run(args)
     except TrainingDiverged as error:

@@ -609,6 +609,22 @@ def test_resume_applies_changed_weight_decay_and_clipping_and_says_so(full_run, 
     assert holders == [os.getpid(), os.getpid()] and not (out / "model.lock").exists()
 
 
+def test_resume_without_the_training_options_keeps_the_saved_ones(full_run, workspace, tmp_path, capsys):
+    # given a copy of a finished run trained with lr 1e-3, 2 warmup and 6 decay steps (not the defaults)
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+
+    # when it is resumed with none of those options
+    capsys.readouterr()
+    assert _pretrain(workspace, out, 10, "--resume", quiet=False) == 0
+
+    # then it continues with the saved schedule (nothing reported as changed) and saves those values again
+    assert "resume:" not in capsys.readouterr().out
+    assert not any("note" in record for record in _log(out))
+    saved = torch.load(out / "model.state.pt", weights_only=True)["state"]["args"]
+    assert (saved["lr"], saved["warmup_steps"], saved["decay_steps"]) == (1e-3, 2, 6)
+
+
 def test_a_second_run_into_a_folder_being_written_is_refused_naming_the_holder(full_run, workspace, tmp_path,
                                                                                capsys):
     from helpers.checkpoint import checkpoint_lock
