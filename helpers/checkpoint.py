@@ -21,6 +21,13 @@ files a save renames under it waits for that save to finish and reads again.
 
 The optimizer's class name is saved with its state, and a load into an optimizer of another class
 is refused (a checkpoint older than this check is compared by the settings the optimizer needs).
+
+Architectures. The weights' metadata names the model's architecture (``arch``: ``"gpt2"`` for a
+``GPTModel``, ``"modern"`` for Part 10's ``ModernModel``; a file without it is GPT-2's, as every file
+was before Part 10), and ``read_arch`` reads it back. ``model_from_config(read_config(path),
+read_arch(path))`` builds the right model for ``load_checkpoint``, and a model of the other
+architecture is refused by name. ``helpers.modern`` is imported only when a modern checkpoint is
+read, so this Part 07 module does not depend on Part 10 at import.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import importlib
 import json
 import os
 import random
@@ -46,14 +54,20 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from helpers.model import GPTConfig
 from helpers.runtime import process_alive, remove_stale_temporaries, unwrap_model, write_atomically
 
-__all__ = ["CheckpointError", "CheckpointLockedError", "checkpoint_lock", "checkpoint_paths", "load_checkpoint",
-           "read_config", "recover_interrupted_save", "remove_stale_temporaries", "save_checkpoint"]
+__all__ = ["ARCHITECTURES", "CheckpointError", "CheckpointLockedError", "checkpoint_lock", "checkpoint_paths",
+           "load_checkpoint", "model_from_config", "read_arch", "read_config", "recover_interrupted_save",
+           "remove_stale_temporaries", "save_checkpoint"]
 
-# every config field that changes the shapes or sharing of the weights (dropout does not)
-_STRUCTURAL = tuple(field.name for field in dataclasses.fields(GPTConfig) if field.name != "drop_rate")
+ARCHITECTURES: dict[str, tuple[str, str, str]] = {
+    "gpt2": ("helpers.model", "GPTModel", "GPTConfig"),  # Part 06
+    "modern": ("helpers.modern", "ModernModel", "ModernConfig"),  # Part 10
+}
+"""Architecture name -> (module, model class, config class): what a checkpoint's ``arch`` builds."""
+
+_UNMARKED_ARCH = "gpt2"  # the architecture of a file saved before checkpoints named theirs
+_UNSTRUCTURAL = ("drop_rate",)  # config fields that do not change the shapes or sharing of the weights
 
 
 class CheckpointError(ValueError):
@@ -78,6 +92,34 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 def _config_of(model: nn.Module) -> dict | None:
     cfg = getattr(unwrap_model(model), "cfg", None)
     return cfg.to_dict() if hasattr(cfg, "to_dict") else None
+
+
+def _arch_of(model: nn.Module) -> str | None:
+    """The ``ARCHITECTURES`` name of ``model``'s config class; None for a model of another kind."""
+    cfg_class = type(getattr(unwrap_model(model), "cfg", None))
+    for arch, (module, _, config_class) in ARCHITECTURES.items():
+        if (cfg_class.__module__, cfg_class.__name__) == (module, config_class):
+            return arch
+    return None
+
+
+def _classes(arch: str) -> tuple[type, type]:
+    """The (model class, config class) of ``arch``, importing its module on first use."""
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"unknown architecture {arch!r}; the known ones are {', '.join(ARCHITECTURES)}")
+    module_name, model_class, config_class = ARCHITECTURES[arch]
+    module = importlib.import_module(module_name)
+    return getattr(module, model_class), getattr(module, config_class)
+
+
+def model_from_config(config: dict, arch: str = "gpt2") -> nn.Module:
+    """A new model of architecture ``arch`` (``"gpt2"`` or ``"modern"``) built from a saved ``config`` dict.
+
+    ``model_from_config(read_config(path), read_arch(path))`` builds the model a checkpoint's weights
+    fit, for ``load_checkpoint``: a ``GPTModel`` or a ``ModernModel``.
+    """
+    model_class, config_class = _classes(arch)
+    return model_class(config_class.from_dict(config))
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -250,7 +292,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     with checkpoint_lock(weights_path):
         recover_interrupted_save(weights_path)
         save_id = uuid.uuid4().hex
-        config = _config_of(model)
+        config, arch = _config_of(model), _arch_of(model)
         bundle = {
             "save_id": save_id,
             "config": config,
@@ -260,6 +302,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             "state": state,
         }
         metadata = {"format": "pt", "save_id": save_id, "config": json.dumps(config)}
+        if arch is not None:
+            metadata["arch"] = arch
         new_weights, new_state = _staging_paths(weights_path)
         write_atomically(new_state, lambda tmp: torch.save(bundle, tmp))
         write_atomically(new_weights, lambda tmp: _save_weights(model, tmp, metadata))
@@ -336,14 +380,12 @@ def _files_to_load(path: str | os.PathLike) -> tuple[Path, Path]:
     return _newest_pair(weights_path) or (weights_path, state_path)
 
 
-_REQUIRED_CONFIG_KEYS = tuple(field.name for field in dataclasses.fields(GPTConfig))
-
-
 def read_config(path: str | os.PathLike) -> dict | None:
     """The model config saved with a checkpoint (a dict for ``GPTConfig.from_dict``), read from the file header only.
 
     Lets a caller build the right model before ``load_checkpoint``; None if the model had no config.
-    A config that is not a dict or lacks one of ``GPTConfig``'s fields raises ``CheckpointError``.
+    A config that is not a dict or lacks one of its config class's fields raises ``CheckpointError``.
+    The dict is a ``ModernConfig``'s when ``read_arch`` says ``"modern"``: ``model_from_config`` builds either.
     """
     def read() -> dict | None:
         weights_path, _ = _files_to_load(path)
@@ -351,6 +393,28 @@ def read_config(path: str | os.PathLike) -> dict | None:
         return _parse_config(weights_path, metadata)
 
     return _read_consistently(path, read)
+
+
+def read_arch(path: str | os.PathLike) -> str:
+    """The architecture of the model saved with a checkpoint (an ``ARCHITECTURES`` name), from the file header only.
+
+    ``"gpt2"`` for a file saved before checkpoints recorded it; an unknown name raises ``CheckpointError``.
+    """
+    def read() -> str:
+        weights_path, _ = _files_to_load(path)
+        _, metadata = _read_header_of_chosen(weights_path)
+        return _parse_arch(weights_path, metadata)
+
+    return _read_consistently(path, read)
+
+
+def _parse_arch(weights_path: Path, metadata: dict) -> str:
+    arch = metadata.get("arch") or _UNMARKED_ARCH
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{weights_path} holds a model of architecture {arch!r}, which this version of helpers "
+                              f"does not know (it knows {', '.join(ARCHITECTURES)}); load it with the version that "
+                              "saved it")
+    return arch
 
 
 def _parse_config(weights_path: Path, metadata: dict) -> dict | None:
@@ -362,7 +426,8 @@ def _parse_config(weights_path: Path, metadata: dict) -> dict | None:
         return None
     if not isinstance(config, dict):
         raise CheckpointError(f"{weights_path}: the config in its metadata is a {type(config).__name__}, not a dict")
-    missing = [key for key in _REQUIRED_CONFIG_KEYS if key not in config]
+    _, config_class = _classes(_parse_arch(weights_path, metadata))
+    missing = [field.name for field in dataclasses.fields(config_class) if field.name not in config]
     if missing:
         raise CheckpointError(f"{weights_path}: the saved config lacks {', '.join(missing)}; "
                               "it was not written by save_checkpoint")
@@ -371,10 +436,17 @@ def _parse_config(weights_path: Path, metadata: dict) -> dict | None:
 
 def _check_fits(weights_path: Path, model: nn.Module, stored: dict[str, list[int]], metadata: dict) -> None:
     saved_config = _parse_config(weights_path, metadata)
+    saved_arch, arch = _parse_arch(weights_path, metadata), _arch_of(model)
+    if saved_config and arch is not None and arch != saved_arch:
+        saved_class, model_class = ARCHITECTURES[saved_arch][1], type(unwrap_model(model)).__name__
+        raise CheckpointError(f"{weights_path} holds a {saved_arch} model ({saved_class}), not a {arch} one "
+                              f"({model_class}); build the model it fits with "
+                              "model_from_config(read_config(path), read_arch(path))")
     config = _config_of(model)
     if saved_config and config:
+        keys = [key for key in {**saved_config, **config} if key not in _UNSTRUCTURAL]
         differences = [f"{key}: file {saved_config.get(key)!r}, model {config.get(key)!r}"
-                       for key in _STRUCTURAL if saved_config.get(key) != config.get(key)]
+                       for key in keys if saved_config.get(key) != config.get(key)]
         if differences:
             raise CheckpointError(f"{weights_path} was saved from a model with a different config ("
                                   + "; ".join(differences) + "); build the model with the saved config")

@@ -1,4 +1,4 @@
-"""Pretrain a GPT model from text files: ``python -m helpers.pretrain --data PATH --out DIR [options]``.
+"""Pretrain a GPT-2 or a modern model from text files: ``python -m helpers.pretrain --data PATH --out DIR [options]``.
 
 Runs as is on one CPU or GPU, and under ``torchrun --nproc_per_node N`` (also across nodes) with
 DistributedDataParallel: gloo on CPU, nccl on CUDA. Only rank 0 writes files and logs.
@@ -9,25 +9,40 @@ own rows, so a run's result does not depend on how many processes share it. Drop
 from ``(--seed, s, rank)`` every step and the learning rate is a function of the step alone, so
 stopping and ``--resume`` continue exactly where a single run would be.
 
-Initialisation. A new model gets GPT-2's scheme (``--init gpt2``, the default:
-``helpers.model.init_gpt2_weights``, normal(0, 0.02) weights and residual projections scaled by
-1/sqrt(2 x n_layers)) or PyTorch's default initialisation of each layer (``--init pytorch``).
-A resumed model keeps its weights, so ``--resume`` refuses ``--init``.
+Architecture. ``--arch gpt2`` (the default) trains Part 06's ``GPTModel``; ``--arch modern`` trains
+Part 10's ``helpers.modern.ModernModel`` (RMSNorm, SwiGLU, rotary positions, grouped-query attention,
+QK-norm, no biases) from the same size options. Its own sizes default to a model of about the same
+parameter count as the GPT-2 of the same width and depth: ``--head-dim`` emb_dim / n_heads,
+``--n-kv-heads`` n_heads / 2 (n_heads when it is odd), ``--hidden-dim`` 8/3 x emb_dim rounded to a
+multiple of 64 (SwiGLU's three matrices hold about as many weights as GPT-2's two of 4 x emb_dim),
+``--rope-theta`` 10000, QK-norm on (``--no-qk-norm``: off). ``--preset`` takes GPT-2's sizes
+(``gpt2``... also with ``--arch modern``: its width, depth, heads and context) or a modern model's
+(``qwen3-0.6b``, ``llama3.2-1b``: all their sizes, tied head included; ``--arch modern`` is then implied). Either
+architecture uses GPT-2's vocabulary (50,257), the tokenizer the data is cached with.
 
-Resuming. ``--resume`` continues the saved model, optimizer state and step. Options that would change
-the saved model (the sizes, ``--preset``, ``--tie-weights``, ``--init``) or the held-out split
-(``--val-fraction``) are refused. The data and training options (``--data``, ``--lr`` and its
-schedule, ``--weight-decay``, ``--grad-clip``, ``--batch-size``, ``--grad-accum``, ``--seed``,
-``--precision``) keep the saved run's values unless given again; given ones are applied (also over the
-loaded optimizer state), and one line (``resume: weight_decay 0.1 -> 0.5``, also in ``log.jsonl``) names
-those that differ from the saved run's.
+Initialisation. A new model gets GPT-2's scheme (``--init gpt2``, the default: normal(0, 0.02)
+weights and residual projections scaled by 1/sqrt(2 x n_layers); ``helpers.model.init_gpt2_weights``,
+for a modern model ``helpers.modern.init_modern_weights``, which also sets every RMSNorm to 1) or
+PyTorch's default initialisation of each layer (``--init pytorch``: nn.Linear's Kaiming-uniform,
+nn.Embedding's N(0, 1), a tied head keeping the embedding's). A resumed model keeps its weights, so
+``--resume`` refuses ``--init``.
+
+Resuming. ``--resume`` continues the saved model (of the saved architecture), optimizer state and step.
+Options that would change the saved model (``--arch``, the sizes, ``--preset``, ``--tie-weights``,
+``--init``) or the held-out split (``--val-fraction``) are refused. The data and training options
+(``--data``, ``--lr`` and its schedule, ``--weight-decay``, ``--grad-clip``, ``--batch-size``,
+``--grad-accum``, ``--seed``, ``--precision``) keep the saved run's values unless given again; given
+ones are applied (also over the loaded optimizer state), and one line (``resume: weight_decay 0.1 -> 0.5``,
+also in ``log.jsonl``) names those that differ from the saved run's.
 
 Precision. ``--precision auto`` (the default) computes in bfloat16 under autocast on a CUDA GPU
 that supports it and in float32 elsewhere; ``float32``, ``bfloat16`` and ``float16`` force one
 (``helpers.runtime.autocast``). Weights and optimizer state stay float32.
 
-Files. ``DIR/model.safetensors`` holds the latest weights (loadable by
-``helpers.train.load_checkpoint`` and ``helpers.weights.load_gpt2``), ``DIR/model.state.pt`` the
+Files. ``DIR/model.safetensors`` holds the latest weights and, in its metadata, the model's config
+and architecture (loadable by ``helpers.train.load_checkpoint`` into
+``helpers.checkpoint.model_from_config(read_config(DIR), read_arch(DIR))``, and a GPT-2 also by
+``helpers.weights.load_gpt2``), ``DIR/model.state.pt`` the
 optimizer state and step beside it, ``DIR/log.jsonl`` one line per logged step. Ctrl-C (or
 SIGTERM) finishes the current step, saves, and exits. A run killed at any moment (even during a
 save) leaves a checkpoint that ``--resume`` continues from. While a run lives, ``DIR/model.lock``
@@ -41,9 +56,11 @@ before the first step, as one line on stderr: exit status 2. A loss that becomes
 stops the run without saving (the last checkpoint stays intact): exit status 1.
 
 MFU (model FLOPs utilisation) = achieved FLOP/s / peak FLOP/s. The achieved FLOPs per token are
-``6 * N + 12 * n_layers * emb_dim * context_length`` (N: weights used in matrix products, output
-head included, embeddings lookups excluded; 6 = 2 FLOPs per multiply-add x forward + 2x backward;
-the second term is attention's score and value products). The peak is ``--peak-flops``, else
+``6 * N + 12 * n_layers * n_heads * head_dim * context_length`` (N: weights used in matrix products,
+output head included, embeddings lookups excluded: for a modern model the query, key, value and output
+projections and SwiGLU's three matrices; 6 = 2 FLOPs per multiply-add x forward + 2x backward;
+the second term is attention's score and value products; GPT-2's n_heads * head_dim is emb_dim).
+The peak is ``--peak-flops``, else
 ``$LLM_PEAK_FLOPS``, else a table of known GPUs (bf16 dense), else, on a CPU, a float32 matmul
 measured at start-up (``helpers.runtime.peak_flops``).
 """
@@ -73,6 +90,7 @@ from helpers.checkpoint import (
     checkpoint_lock,
     checkpoint_paths,
     load_checkpoint,
+    read_arch,
     read_config,
     recover_interrupted_save,
     save_checkpoint,
@@ -80,9 +98,10 @@ from helpers.checkpoint import (
 from helpers.corpus import default_cache_dir, expand_data_paths, load_token_cache, token_batch
 from helpers.data import DataError
 from helpers.model import GPT_CONFIGS, GPTConfig, GPTModel, init_gpt2_weights
+from helpers.modern import MODERN_CONFIGS, ModernConfig, ModernModel
 from helpers.train import TrainingDiverged, calc_loss_batch, learning_rate_at
 
-__all__ = ["PretrainError", "build_parser", "flops_per_token", "main", "run", "validate_args"]
+__all__ = ["PretrainError", "build_parser", "default_hidden_dim", "flops_per_token", "main", "run", "validate_args"]
 
 
 class PretrainError(Exception):
@@ -100,8 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-dir", type=Path, default=None,
                       help=f"token cache folder (default $LLM_CACHE_DIR or {default_cache_dir()})")
     data.add_argument("--val-fraction", type=float, default=0.1, help="share of the tokens held out for validation")
-    model = parser.add_argument_group("model (a --preset, optionally overridden by the sizes)")
-    model.add_argument("--preset", choices=sorted(GPT_CONFIGS), default=None)
+    model = parser.add_argument_group("model (an --arch and a --preset, optionally overridden by the sizes)")
+    model.add_argument("--arch", choices=["gpt2", "modern"], default=None,
+                       help="GPT-2, or the modern decoder of Part 10 (default gpt2; modern for a modern --preset; "
+                            "with --resume the saved run's)")
+    model.add_argument("--preset", choices=sorted(GPT_CONFIGS) + sorted(MODERN_CONFIGS), default=None,
+                       help="the sizes of a published model (see above)")
     model.add_argument("--n-layers", type=int)
     model.add_argument("--n-heads", type=int)
     model.add_argument("--emb-dim", type=int)
@@ -110,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--tie-weights", action="store_true", help="share the token embedding with the output head")
     model.add_argument("--init", choices=["gpt2", "pytorch"], default=None,
                        help="initialisation of a new model (default gpt2; see above)")
+    modern = parser.add_argument_group("modern model (--arch modern; unset: derived from the sizes, see above)")
+    modern.add_argument("--n-kv-heads", type=int, help="key/value heads, dividing n_heads (default n_heads / 2)")
+    modern.add_argument("--head-dim", type=int, help="dimensions per head (default emb_dim / n_heads)")
+    modern.add_argument("--hidden-dim", type=int, help="SwiGLU's inner width (default 8/3 x emb_dim, to 64s)")
+    modern.add_argument("--rope-theta", type=float, help="RoPE's base period (default 10000)")
+    modern.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
+                        help="RMSNorm over each head's queries and keys, as Qwen3 (default on)")
     train = parser.add_argument_group("training")
     train.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-step")
     train.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -157,6 +187,10 @@ _RULES = {
     "n_heads": ("an integer >= 1", lambda v: v >= 1),
     "emb_dim": ("an integer >= 1", lambda v: v >= 1),
     "context_length": ("an integer >= 1", lambda v: v >= 1),
+    "n_kv_heads": ("an integer >= 1", lambda v: v >= 1),
+    "head_dim": ("an even integer >= 2 (RoPE rotates pairs of dimensions)", lambda v: v >= 2 and v % 2 == 0),
+    "hidden_dim": ("an integer >= 1", lambda v: v >= 1),
+    "rope_theta": ("a finite number > 0", lambda v: _finite(v) and v > 0),
     "decay_steps": ("an integer >= 1 (leave it out for a constant rate)", lambda v: v >= 1),
     "warmup_steps": ("an integer >= 0", lambda v: v >= 0),
     "eval_every": ("an integer >= 0 (0: never)", lambda v: v >= 0),
@@ -185,8 +219,22 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--val-fraction 0 leaves no validation split, which evaluation (--eval-every "
                         f"{args.eval_every}) needs: raise --val-fraction (e.g. 0.1), or pass --eval-every 0 to train "
                         "without evaluation")
+    problems += _arch_problems(args)
     if problems:
         raise PretrainError("; ".join(problems))
+
+
+def _arch_problems(args: argparse.Namespace) -> list[str]:
+    """Options that do not fit the architecture asked for (a resumed run's is checked against its file later)."""
+    problems = []
+    if args.arch == "gpt2" and args.preset in MODERN_CONFIGS:
+        problems.append(f"--preset {args.preset} is a modern model: pass --arch modern (or leave --arch out)")
+    modern_given = [_option_text(key, value) for key, value in _given_sizes(args).items() if key in _MODERN_OPTIONS]
+    arch = _requested_arch(args)
+    if modern_given and (arch == "gpt2" or (arch is None and not getattr(args, "resume", False))):
+        problems.append(f"{', '.join(modern_given)} sets the modern model, which GPT-2 has no place for: add "
+                        "--arch modern, or leave it out")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,25 +291,59 @@ class _Dist:
 # the model: its config (new or saved), optimizer and FLOPs
 
 
+# config field -> option: the sizes of either architecture, then the modern model's own
 _SIZE_OPTIONS = {"n_layers": "n-layers", "n_heads": "n-heads", "emb_dim": "emb-dim",
                  "context_length": "context-length", "drop_rate": "dropout"}
+_MODERN_OPTIONS = {"n_kv_heads": "n-kv-heads", "head_dim": "head-dim", "hidden_dim": "hidden-dim",
+                   "rope_theta": "rope-theta", "qk_norm": "qk-norm"}
+_DEFAULT_SIZES = GPTConfig(emb_dim=256, n_heads=4, n_layers=4, context_length=256, drop_rate=0.0)
+_MODERN_ROPE_THETA = 10_000.0
+_GPT2_PRESET_KEYS = ("vocab_size", "n_layers", "n_heads", "emb_dim", "context_length")
 
 
 def _given_sizes(args) -> dict:
     sizes = {"n_layers": args.n_layers, "n_heads": args.n_heads, "emb_dim": args.emb_dim,
-             "context_length": args.context_length, "drop_rate": args.dropout}
+             "context_length": args.context_length, "drop_rate": args.dropout,
+             **{key: getattr(args, key, None) for key in _MODERN_OPTIONS}}
     return {key: value for key, value in sizes.items() if value is not None}
 
 
-def _resume_clashes(args, saved: GPTConfig) -> list[str]:
+def _option_text(key: str, value) -> str:
+    """How the option that sets config field ``key`` to ``value`` is written: ``--emb-dim 64``, ``--no-qk-norm``."""
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{_MODERN_OPTIONS[key]}"
+    return f"--{({**_SIZE_OPTIONS, **_MODERN_OPTIONS})[key]} {value}"
+
+
+def _requested_arch(args) -> str | None:
+    """The architecture the command line asks for: ``--arch``, else a modern ``--preset``'s; None if neither says."""
+    if args.arch is not None:
+        return args.arch
+    return "modern" if args.preset in MODERN_CONFIGS else None
+
+
+def _preset_values(preset: str) -> dict:
+    """The config fields a ``--preset`` sets: a GPT-2's sizes, or all of a modern model's but its vocabulary."""
+    if preset in MODERN_CONFIGS:
+        values = MODERN_CONFIGS[preset].to_dict()
+        del values["vocab_size"], values["drop_rate"], values["tie_weights"]  # the data's tokenizer; flags decide
+        return values
+    return {key: getattr(GPT_CONFIGS[preset], key) for key in _GPT2_PRESET_KEYS}
+
+
+def _resume_clashes(args, saved: GPTConfig | ModernConfig, saved_arch: str) -> list[str]:
     """The options that ``--resume`` would ignore because the saved model decides them."""
-    clashes = [f"--{_SIZE_OPTIONS[k]} {v} (saved: {getattr(saved, k)})" for k, v in _given_sizes(args).items()
-               if getattr(saved, k) != v]
+    requested = _requested_arch(args)
+    if requested is not None and requested != saved_arch:
+        asked = f"--arch {args.arch}" if args.arch else f"--preset {args.preset} (a {requested} model)"
+        return [f"{asked} (saved: {saved_arch})"]
+    saved_values, given = saved.to_dict(), _given_sizes(args)
+    clashes = [f"{_option_text(k, v)} (saved: " + (f"{saved_values[k]})" if k in saved_values else
+                                                   f"a {saved_arch} model, which has no {k})")
+               for k, v in given.items() if saved_values.get(k, object()) != v]
     if args.preset:
-        preset = GPT_CONFIGS[args.preset]
-        clashes += [f"--preset {args.preset} sets {k} {getattr(preset, k)} (saved: {getattr(saved, k)})"
-                    for k in ("vocab_size", "n_layers", "n_heads", "emb_dim", "context_length")
-                    if k not in _given_sizes(args) and getattr(preset, k) != getattr(saved, k)]
+        clashes += [f"--preset {args.preset} sets {k} {v} (saved: {saved_values.get(k)})"
+                    for k, v in _preset_values(args.preset).items() if k not in given and saved_values.get(k) != v]
     if args.tie_weights and not saved.tie_weights:
         clashes.append("--tie-weights (saved: untied)")
     if args.init is not None:
@@ -300,21 +382,49 @@ def _resume_changes(saved_args: dict, args) -> str:
                      if differs(name))
 
 
-def _model_config(args, saved: dict | None) -> GPTConfig:
-    """The config of a new model (preset, then the sizes given), or the saved one when resuming."""
+def _model_config(args, saved: dict | None, saved_arch: str | None = None) -> tuple[str, GPTConfig | ModernConfig]:
+    """The architecture and config of a new model (preset, then the sizes given), or the saved ones when resuming."""
     if saved is not None:
-        config = GPTConfig.from_dict(saved)
-        clashes = _resume_clashes(args, config)
+        config = (ModernConfig if saved_arch == "modern" else GPTConfig).from_dict(saved)
+        clashes = _resume_clashes(args, config, saved_arch or "gpt2")
         if clashes:
             raise PretrainError(f"--resume continues the saved model, but these options differ: {', '.join(clashes)}; "
                                 "leave them out to continue, or start a new run in another --out")
-        return config
-    base = GPT_CONFIGS[args.preset] if args.preset else GPTConfig(emb_dim=256, n_heads=4, n_layers=4,
-                                                                   context_length=256, drop_rate=0.0)
+        return saved_arch or "gpt2", config
+    if (_requested_arch(args) or "gpt2") == "modern":
+        return "modern", _modern_config(args)
+    base = GPT_CONFIGS[args.preset] if args.preset else _DEFAULT_SIZES
     values = {**base.to_dict(), **_given_sizes(args)}
     if args.tie_weights:
         values["tie_weights"] = True
-    return GPTConfig(**values)
+    return "gpt2", GPTConfig(**values)
+
+
+def _modern_config(args) -> ModernConfig:
+    """A new modern model's config: a modern preset's sizes, or GPT-2's (preset or default) with derived extras."""
+    if args.preset in MODERN_CONFIGS:
+        values = {**MODERN_CONFIGS[args.preset].to_dict(), "vocab_size": _DEFAULT_SIZES.vocab_size,
+                  "drop_rate": _DEFAULT_SIZES.drop_rate, **_given_sizes(args)}
+    else:
+        base = GPT_CONFIGS[args.preset] if args.preset else _DEFAULT_SIZES
+        values = {key: getattr(base, key) for key in (*_GPT2_PRESET_KEYS, "drop_rate")} | _given_sizes(args)
+        values.setdefault("head_dim", values["emb_dim"] // values["n_heads"])
+        values.setdefault("n_kv_heads", values["n_heads"] // 2 if values["n_heads"] % 2 == 0 else values["n_heads"])
+        values.setdefault("hidden_dim", default_hidden_dim(values["emb_dim"]))
+        values.setdefault("rope_theta", _MODERN_ROPE_THETA)
+        values.setdefault("qk_norm", True)
+        values["tie_weights"] = False
+    if args.tie_weights:
+        values["tie_weights"] = True
+    return ModernConfig(**values)
+
+
+def default_hidden_dim(emb_dim: int) -> int:
+    """SwiGLU's inner width for a width of ``emb_dim``: 8/3 x emb_dim to the nearest multiple of 64 (at least 64).
+
+    Its three matrices then hold about as many weights as GPT-2's feed-forward (two of 4 x emb_dim).
+    """
+    return max(64, 64 * round(8 * emb_dim / 3 / 64))
 
 
 def _optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
@@ -326,11 +436,18 @@ def _optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, **extra)
 
 
-def flops_per_token(cfg: GPTConfig) -> float:
-    """Training FLOPs per token (forward and backward) of a ``GPTModel``; see the module docstring."""
-    per_block = 4 * cfg.emb_dim * cfg.emb_dim + 8 * cfg.emb_dim * cfg.emb_dim  # attention projections + MLP
+def flops_per_token(cfg: GPTConfig | ModernConfig) -> float:
+    """Training FLOPs per token (forward and backward) of a ``GPTModel`` or ``ModernModel``; see the module doc."""
+    if isinstance(cfg, ModernConfig):
+        attention_width = cfg.n_heads * cfg.head_dim
+        per_block = (2 * cfg.emb_dim * attention_width  # queries and output projection
+                     + 2 * cfg.emb_dim * cfg.n_kv_heads * cfg.head_dim  # keys and values (grouped)
+                     + 3 * cfg.emb_dim * cfg.hidden_dim)  # SwiGLU: gate, up and down
+    else:
+        attention_width = cfg.emb_dim
+        per_block = 4 * cfg.emb_dim * cfg.emb_dim + 8 * cfg.emb_dim * cfg.emb_dim  # attention projections + MLP
     matmul_weights = cfg.n_layers * per_block + cfg.vocab_size * cfg.emb_dim
-    return 6 * matmul_weights + 12 * cfg.n_layers * cfg.emb_dim * cfg.context_length
+    return 6 * matmul_weights + 12 * cfg.n_layers * attention_width * cfg.context_length
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +480,7 @@ class _Run:
 
     args: argparse.Namespace
     env: _Dist
-    cfg: GPTConfig
+    cfg: GPTConfig | ModernConfig
     model: nn.Module
     optimizer: torch.optim.Optimizer
     step: int = 0
@@ -427,11 +544,9 @@ def _build_model(args, env: _Dist) -> _Run:
     if args.resume and saved is None:
         raise PretrainError(f"{checkpoint_paths(args.out)[0]} has no model config in its metadata; "
                             "it was not written by this command")
-    cfg = _model_config(args, saved)
+    args.arch, cfg = _model_config(args, saved, read_arch(args.out) if args.resume else None)
     torch.manual_seed(args.seed)
-    model = GPTModel(cfg)
-    if not args.resume and (args.init or "gpt2") == "gpt2":
-        init_gpt2_weights(model)
+    model = _new_model(args.arch, cfg, None if args.resume else args.init or "gpt2")
     model.to(env.device)
     run = _Run(args, env, cfg, model, _optimizer(model, args, env.device))
     if args.resume:
@@ -449,6 +564,23 @@ def _build_model(args, env: _Dist) -> _Run:
             _trim_log(args.out / "log.jsonl", run.step)
     run.forward_model = _wrap(model, env, args.compile)
     return run
+
+
+def _new_model(arch: str, cfg: GPTConfig | ModernConfig, init: str | None) -> nn.Module:
+    """A model of ``arch`` initialised as ``init`` says (``"gpt2"``, ``"pytorch"``; None: a resumed model's weights
+    are about to be loaded, so any initialisation will do)."""
+    if arch == "gpt2":
+        model = GPTModel(cfg)
+        if init == "gpt2":
+            init_gpt2_weights(model)
+        return model
+    model = ModernModel(cfg)  # starts with init_modern_weights: GPT-2's scheme
+    if init == "pytorch":
+        for module in model.modules():  # each layer's own default; a tied head keeps the embedding's draw
+            if isinstance(module, (nn.Linear, nn.Embedding)) and not (
+                    module is model.out_head and model.out_head.weight is model.tok_emb.weight):
+                module.reset_parameters()
+    return model
 
 
 def _wrap(model: nn.Module, env: _Dist, compile_model: bool) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
@@ -16,7 +17,6 @@ from tqdm import tqdm
 from helpers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from helpers.generate import generate, text_to_token_ids, token_ids_to_text
 from helpers.losses import chunked_cross_entropy
-from helpers.model import GPTModel
 from helpers.runtime import PRECISIONS, autocast, check_count, eval_mode, unwrap_model
 
 __all__ = [
@@ -47,17 +47,29 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
                     device: torch.device | str) -> torch.Tensor:
     """Mean next-token cross-entropy of one batch (a scalar tensor that can be backpropagated).
 
-    For a ``GPTModel`` (also wrapped) the output head is applied chunk by chunk
-    (``chunked_cross_entropy``), so the full logits are never materialised; other models go
-    through their logits and ``F.cross_entropy``. Targets of -100 are ignored.
+    For a model (also wrapped) whose ``forward`` takes ``return_hidden`` and whose ``out_head`` is a
+    bias-free ``nn.Linear`` (``GPTModel``, ``helpers.modern.ModernModel``) the output head is applied
+    chunk by chunk (``chunked_cross_entropy``), so the full logits are never materialised; other
+    models go through their logits and ``F.cross_entropy``. Targets of -100 are ignored.
     """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     core = unwrap_model(model)
-    if isinstance(core, GPTModel):
+    if _has_plain_head(core):
         hidden = model(input_batch, return_hidden=True)
         return chunked_cross_entropy(hidden, core.out_head.weight, target_batch)
     logits = model(input_batch)
     return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+
+
+def _has_plain_head(model: nn.Module) -> bool:
+    """True if ``model(x, return_hidden=True)`` gives the states a bias-free ``model.out_head`` makes logits of."""
+    head = getattr(model, "out_head", None)
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        return False
+    try:
+        return "return_hidden" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return False
 
 
 def calc_loss_loader(data_loader: Iterable, model: nn.Module, device: torch.device | str,

@@ -375,6 +375,11 @@ def _config_from(config_path: Path | None, tensors: _Tensors, drop_rate: float |
 def _load_ours(tensors: _Tensors, source: str, device: torch.device, dtype: torch.dtype | None,
                drop_rate: float | None) -> GPTModel:
     """A file written by helpers.train.save_checkpoint or helpers.pretrain: our own names."""
+    arch = tensors.metadata.get("arch") or "gpt2"
+    if arch != "gpt2":  # e.g. Part 10's ModernModel, saved by python -m helpers.pretrain --arch modern
+        raise WeightsError(f"{source} holds a {arch} model, not a GPT-2 (its metadata says arch={arch!r}), which "
+                           "load_gpt2 cannot build; load it with helpers.checkpoint: model = "
+                           "model_from_config(read_config(path), read_arch(path)); load_checkpoint(path, model)")
     try:
         saved = _loads(tensors.metadata.get("config") or "null")
         if drop_rate is not None and isinstance(saved, dict):

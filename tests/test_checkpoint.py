@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint, read_config, save_checkpoint
+from helpers.checkpoint import (
+    CheckpointError,
+    checkpoint_paths,
+    load_checkpoint,
+    model_from_config,
+    read_arch,
+    read_config,
+    save_checkpoint,
+)
 from helpers.model import GPTConfig, GPTModel
 
 VOCAB = 61
@@ -325,6 +333,70 @@ def test_loading_an_optimizer_from_a_checkpoint_saved_without_one_is_refused(tmp
     model = _model()
     with pytest.raises(CheckpointError, match="no optimizer state"):
         load_checkpoint(tmp_path, model, _adamw(model))
+
+
+def _modern(seed: int = 0):
+    from helpers.modern import ModernConfig, ModernModel
+
+    torch.manual_seed(seed)
+    return ModernModel(ModernConfig(vocab_size=VOCAB, context_length=12, emb_dim=32, n_heads=4, n_kv_heads=2,
+                                    n_layers=1, hidden_dim=64, head_dim=8, tie_weights=False))
+
+
+def test_a_modern_checkpoint_records_its_architecture_and_loads_into_a_model_built_from_its_header(tmp_path):
+    # given a ModernModel (Part 10) saved with its optimizer
+    from helpers.modern import ModernModel
+
+    model = _modern(seed=1)
+    optimizer = _adamw(model)
+    _train(model, optimizer, seeds=[0])
+    save_checkpoint(tmp_path / "ckpt", model, optimizer, step=1)
+
+    # when the header says what to build, and the checkpoint is loaded into that fresh model
+    assert read_arch(tmp_path / "ckpt") == "modern"
+    fresh = model_from_config(read_config(tmp_path / "ckpt"), read_arch(tmp_path / "ckpt"))
+    fresh_optimizer = _adamw(fresh)
+    state = load_checkpoint(tmp_path / "ckpt", fresh, fresh_optimizer)
+
+    # then it is a ModernModel with the saved config, weights and optimizer state
+    assert isinstance(fresh, ModernModel) and fresh.cfg == model.cfg and state["step"] == 1
+    _assert_same_weights(model, fresh)
+    _assert_same_optimizer_state(optimizer, fresh_optimizer)
+
+
+def test_a_checkpoint_of_one_architecture_is_refused_by_a_model_of_the_other_naming_both(tmp_path):
+    # given a modern checkpoint and a GPT-2 one
+    save_checkpoint(tmp_path / "modern", _modern())
+    save_checkpoint(tmp_path / "gpt2", _model())
+
+    # when / then each is refused by a model of the other architecture, naming both and what to do
+    with pytest.raises(CheckpointError, match=r"holds a modern model \(ModernModel\), not a gpt2 one \(GPTModel\).*"
+                                              r"model_from_config\(read_config\(path\), read_arch\(path\)\)"):
+        load_checkpoint(tmp_path / "modern", _model())
+    with pytest.raises(CheckpointError, match=r"holds a gpt2 model \(GPTModel\), not a modern one"):
+        load_checkpoint(tmp_path / "gpt2", _modern())
+    # and GPT-2's loader refuses the modern one, naming its architecture and the way to load it
+    from helpers.weights import WeightsError, load_gpt2
+
+    with pytest.raises(WeightsError, match=r"holds a modern model.*load_gpt2 cannot build.*model_from_config"):
+        load_gpt2(tmp_path / "modern" / "model.safetensors")
+
+
+def test_a_checkpoint_without_an_architecture_is_read_as_gpt2(tmp_path, monkeypatch):
+    # given a GPT-2 checkpoint saved as they were before checkpoints named their architecture
+    import helpers.checkpoint
+
+    model = _model(seed=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(helpers.checkpoint, "_arch_of", lambda model: None)
+        save_checkpoint(tmp_path / "old", model)
+
+    # when / then it reads as GPT-2, and loads into the GPTModel built from its header
+    assert read_arch(tmp_path / "old") == "gpt2"
+    fresh = model_from_config(read_config(tmp_path / "old"))
+    load_checkpoint(tmp_path / "old", fresh)
+    assert isinstance(fresh, GPTModel)
+    _assert_same_weights(model, fresh)
 
 
 def test_read_config_returns_the_saved_config_without_loading_weights(tmp_path):

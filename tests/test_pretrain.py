@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers.checkpoint import load_checkpoint
+from helpers.checkpoint import load_checkpoint, model_from_config, read_arch, read_config
 from helpers.model import GPT_CONFIGS, GPTConfig, GPTModel
+from helpers.modern import ModernConfig, ModernModel
 from helpers.pretrain import flops_per_token, main
 from helpers.train import learning_rate_at
 
@@ -82,6 +83,14 @@ def split_run(workspace) -> tuple[Path, list[dict]]:
     return out, four_step_log
 
 
+@pytest.fixture(scope="module")
+def modern_full_run(workspace) -> Path:
+    """``full_run`` with ``--arch modern``: 8 steps of Part 10's model at the same tiny sizes."""
+    out = workspace / "modern-full"
+    assert _pretrain(workspace, out, 8, *SCHEDULE, "--arch", "modern") == 0
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # a run and its files
 
@@ -135,6 +144,94 @@ def test_learning_rate_schedule_does_not_depend_on_max_steps(full_run, split_run
     assert [lr for _, lr in long] == pytest.approx(expected, rel=1e-12)
     assert long[1][1] == pytest.approx(1e-3)  # the peak after the warmup
     assert long[0][1] == pytest.approx(5e-4)
+
+
+def test_arch_modern_trains_a_modern_model_that_loads_from_its_checkpoint(modern_full_run):
+    # given a finished 8-step run with --arch modern (tiny sizes, GPT-2's vocabulary)
+    losses = [r["loss"] for r in _log(modern_full_run) if "loss" in r]
+
+    # then its training losses are finite, start near ln(50257) = 10.8 and fall
+    assert len(losses) == 8 and all(np.isfinite(losses)) and 9.0 < losses[0] < 11.5
+    assert losses[-1] < losses[0]
+    # and the checkpoint names its architecture, and loads into the ModernModel its header describes
+    assert read_arch(modern_full_run) == "modern"
+    model = model_from_config(read_config(modern_full_run), read_arch(modern_full_run))
+    assert isinstance(model, ModernModel)
+    assert model.cfg == ModernConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_kv_heads=1,
+                                     n_layers=1, hidden_dim=64, head_dim=16, rope_theta=10_000.0, qk_norm=True,
+                                     tie_weights=False, drop_rate=0.1)
+    assert load_checkpoint(modern_full_run, model)["step"] == 8
+
+
+def test_resuming_a_modern_run_halfway_gives_the_weights_of_an_uninterrupted_run(modern_full_run, workspace):
+    # given --arch modern stopped at step 4, then resumed to 8 without --arch (the saved run's is kept)
+    out = workspace / "modern-split"
+    assert _pretrain(workspace, out, 4, *SCHEDULE, "--arch", "modern") == 0
+    assert _pretrain(workspace, out, 8, *SCHEDULE, "--resume") == 0
+
+    # then the weights and the losses of steps 5 to 8 are those of the uninterrupted run
+    assert _max_abs_diff(modern_full_run / "model.safetensors", out / "model.safetensors") <= 1e-6
+    full = {r["step"]: r["loss"] for r in _log(modern_full_run) if "loss" in r}
+    split = {r["step"]: r["loss"] for r in _log(out) if "loss" in r}
+    assert [split[step] for step in range(5, 9)] == pytest.approx([full[step] for step in range(5, 9)], abs=1e-6)
+
+
+@pytest.mark.parametrize(("run", "options", "named"), [
+    ("gpt2", ["--arch", "modern"], "--arch modern (saved: gpt2)"),
+    ("gpt2", ["--preset", "qwen3-0.6b"], "--preset qwen3-0.6b (a modern model) (saved: gpt2)"),
+    ("gpt2", ["--n-kv-heads", "1"], "--n-kv-heads 1 (saved: a gpt2 model, which has no n_kv_heads)"),
+    ("modern", ["--arch", "gpt2"], "--arch gpt2 (saved: modern)"),
+    ("modern", ["--no-qk-norm"], "--no-qk-norm (saved: True)"),
+])
+def test_resume_with_another_architecture_is_refused_and_touches_nothing(full_run, modern_full_run, workspace,
+                                                                         tmp_path, capsys, run, options, named):
+    # given a copy of a finished run of one architecture
+    out = tmp_path / "run"
+    shutil.copytree(full_run if run == "gpt2" else modern_full_run, out)
+    before = _snapshot(out)
+
+    # when / then resuming it as the other architecture (or with the other's options) is refused before the first step
+    assert _pretrain(workspace, out, 10, "--resume", *options) == 2
+    assert named in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    (["--n-kv-heads", "2"], "--n-kv-heads 2 sets the modern model"),
+    (["--arch", "gpt2", "--no-qk-norm"], "--no-qk-norm sets the modern model"),
+    (["--arch", "gpt2", "--preset", "llama3.2-1b"], "--preset llama3.2-1b is a modern model: pass --arch modern"),
+    (["--arch", "modern", "--head-dim", "7"], "--head-dim must be an even integer"),
+])
+def test_options_of_the_other_architecture_are_refused_before_any_work(workspace, tmp_path, capsys, options, named):
+    # when / then a new run with options its architecture has no place for is refused, naming them
+    assert _pretrain(workspace, tmp_path / "out", 2, *options) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_modern_model_of_default_sizes_has_within_5_percent_of_gpt2s_parameters(workspace, tmp_path, capsys):
+    # given Part 07's novel model (4 layers, 4 heads, width 256, context 256, tied head) run for one step as
+    # GPT-2 and as a modern model from the same size options
+    sizes = ["--n-layers", "4", "--n-heads", "4", "--emb-dim", "256", "--context-length", "256", "--tie-weights"]
+    counts = {}
+    for arch in ("gpt2", "modern"):
+        argv = ["--data", str(workspace / "data" / "verdict.txt"), "--out", str(tmp_path / arch), "--max-steps", "1",
+                "--batch-size", "1", "--eval-every", "0", "--val-fraction", "0", *FAST, *sizes, "--arch", arch]
+        assert main(argv) == 0
+        printed = re.search(r"model ([\d.]+)M parameters (\w+)\(", capsys.readouterr().out)
+        counts[arch] = float(printed.group(1))
+        assert printed.group(2) == {"gpt2": "GPTConfig", "modern": "ModernConfig"}[arch]
+
+    # then the command prints 16.1M and 15.8M: within 5% (the embedding is most of both)
+    assert counts == {"gpt2": 16.1, "modern": 15.8}
+    assert abs(counts["modern"] / counts["gpt2"] - 1) < 0.05
+    # and without the tied head too (counted on the meta device): 28,953,600 and 28,683,520
+    with torch.device("meta"):
+        gpt2 = GPTModel(GPTConfig(context_length=256, emb_dim=256, n_heads=4, n_layers=4))
+        modern = ModernModel(ModernConfig(vocab_size=50257, context_length=256, emb_dim=256, n_heads=4, n_kv_heads=2,
+                                          n_layers=4, hidden_dim=704, head_dim=64, tie_weights=False))
+    n_gpt2, n_modern = (sum(p.numel() for p in m.parameters()) for m in (gpt2, modern))
+    assert abs(n_modern / n_gpt2 - 1) < 0.05
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,6 +505,22 @@ def test_flops_per_token_of_gpt2_124m_matches_an_independent_count():
     assert 8.4e8 < flops_per_token(cfg) < 8.6e8
 
 
+def test_flops_per_token_of_a_modern_model_matches_an_independent_count():
+    # given Qwen3-0.6B's sizes at a context of 4096, built on the meta device
+    from helpers.modern import MODERN_CONFIGS
+
+    cfg = ModernConfig(**{**MODERN_CONFIGS["qwen3-0.6b"].to_dict(), "context_length": 4096})
+    with torch.device("meta"):
+        model = ModernModel(cfg)
+
+    # when N is counted as the weights of every matrix product (grouped keys and values, SwiGLU's three, the head)
+    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    expected = 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * cfg.context_length
+
+    # then flops_per_token agrees, with attention over queries of n_heads x head_dim = 2048, not emb_dim = 1024
+    assert flops_per_token(cfg) == pytest.approx(expected, rel=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # micro-batches and dropout: what each step trains on
 
@@ -671,10 +784,12 @@ def test_the_command_prints_one_line_and_no_traceback(workspace, tmp_path):
 # initialisation, precision, and what a killed run leaves
 
 
-@pytest.mark.parametrize(("init", "embedding_std"), [(None, 0.02), ("pytorch", 1.0)])
-def test_init_chooses_gpt2_or_pytorch_initialisation(workspace, tmp_path, init, embedding_std):
+@pytest.mark.parametrize(("arch", "init", "embedding_std"), [("gpt2", None, 0.02), ("gpt2", "pytorch", 1.0),
+                                                              ("modern", None, 0.02), ("modern", "pytorch", 1.0)])
+def test_init_chooses_gpt2_or_pytorch_initialisation(workspace, tmp_path, arch, init, embedding_std):
     # given a one-step run with a negligible learning rate, so the saved weights are the initial ones
-    options = ["--lr", "1e-12", "--weight-decay", "0", "--eval-every", "0"] + (["--init", init] if init else [])
+    options = ["--lr", "1e-12", "--weight-decay", "0", "--eval-every", "0", "--arch", arch]
+    options += ["--init", init] if init else []
     assert _pretrain(workspace, tmp_path / "run", 1, *options) == 0
 
     # then the token embedding has GPT-2's std 0.02 by default, and nn.Embedding's N(0, 1) with --init pytorch

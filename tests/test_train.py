@@ -124,6 +124,30 @@ def test_calc_loss_batch_of_a_wrapped_gpt_model_equals_the_bare_model(verdict_id
     torch.testing.assert_close(wrapped, calc_loss_batch(inputs, targets, model, "cpu"))
 
 
+def test_calc_loss_batch_of_a_modern_model_uses_the_chunked_head_and_equals_cross_entropy_of_its_logits(
+        verdict_ids, vocab_size, monkeypatch):
+    # given a tiny ModernModel (Part 10: it has return_hidden and a bias-free out_head, like GPTModel)
+    import helpers.train
+    from helpers.modern import ModernConfig, ModernModel
+
+    torch.manual_seed(0)
+    model = ModernModel(ModernConfig(vocab_size=vocab_size, context_length=CONTEXT, emb_dim=32, n_heads=4,
+                                     n_kv_heads=2, n_layers=1, hidden_dim=64, head_dim=8, tie_weights=False))
+    inputs, targets = next(iter(_loader(verdict_ids, 2, batch_size=2)))
+    chunked_calls = []
+    chunked = helpers.train.chunked_cross_entropy
+    monkeypatch.setattr(helpers.train, "chunked_cross_entropy",
+                        lambda *args, **kwargs: chunked_calls.append(1) or chunked(*args, **kwargs))
+
+    # when the batch loss is computed
+    loss = calc_loss_batch(inputs, targets, model, "cpu")
+
+    # then it went through the chunked head, and equals the cross-entropy of the model's logits
+    assert chunked_calls == [1]
+    torch.testing.assert_close(loss, F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_calc_loss_batch_of_any_module_goes_through_its_logits():
     # given a model that is not a GPTModel and has no return_hidden option
     torch.manual_seed(0)
