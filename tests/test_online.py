@@ -150,3 +150,25 @@ def test_offline_mode_without_a_cache_ends_in_the_fallback(hub_client, tmp_path,
 def test_a_reason_is_one_line_even_for_an_error_nobody_foresaw():
     reason = hub_failure_reason(RuntimeError("first line\nsecond line " + "x" * 500))
     assert reason.startswith("RuntimeError: first line second line") and "\n" not in reason and len(reason) < 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Colab
+
+
+TRAINS = {"part08_pretrained_weights", "part09_finetuning_classification", "part09_finetuning_instructions",
+          "part09_finetuning_preferences"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("part*.ipynb")), ids=lambda path: path.stem)
+def test_every_notebook_opens_on_colab_with_python3_and_the_training_ones_ask_for_a_gpu(path):
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    assert notebook.metadata["kernelspec"] == {"display_name": "Python 3", "language": "python", "name": "python3"}
+    wants_gpu = path.stem in TRAINS
+    assert (notebook.metadata.get("accelerator") == "GPU") == wants_gpu
+    assert (notebook.metadata.get("colab", {}).get("gpuType") == "T4") == wants_gpu
+    setup = notebook.cells[1].source
+    assert "requirements.txt" in setup and '"torch"' in setup and "REPO_URL" in setup.split("raise RuntimeError")[1]
+
