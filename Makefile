@@ -47,7 +47,7 @@ test-notebooks: setup
 
 # The online branches of Part 08 and Part 09 as on Colab (LLM_ONLINE=1, an empty Hugging Face cache), in quick
 # mode, against a stand-in hub on 127.0.0.1 serving small random GPT-2 checkpoints (HF_HUB_OFFLINE is unset
-# for these runs only). About 4 minutes on two CPU cores.
+# for these runs only). 12 minutes measured on two CPU cores shared with other jobs (2.5-4.5 a notebook).
 test-online: setup
 	$(BIN)/python scripts/rehearse_online.py --sizes quick
 
