@@ -176,7 +176,10 @@ def compute_dtype(device: torch.device | str, precision: str = "float32") -> tor
     """The dtype autocast should compute in for ``precision`` on ``device``.
 
     ``"float32"``, ``"bfloat16"`` and ``"float16"`` are taken as given; ``"auto"`` is bfloat16 on a
-    CUDA GPU that supports it and float32 everywhere else (CPUs, MPS, older GPUs).
+    CUDA GPU that computes it natively (compute capability 8.0 or newer: A100, L4, H100, RTX 30xx on)
+    and float32 everywhere else (CPUs, MPS, and older GPUs such as Colab's T4, where
+    ``torch.cuda.is_bf16_supported()`` says True but bfloat16 is emulated, slower than float32).
+    float16 is never chosen automatically: it needs loss scaling, which the training loops do not do.
     """
     import torch
 
@@ -184,9 +187,19 @@ def compute_dtype(device: torch.device | str, precision: str = "float32") -> tor
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = torch.device(device)
     if precision == "auto":
-        supported = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if supported else torch.float32
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
     return getattr(torch, precision)
+
+
+def native_bfloat16(device: torch.device | str) -> bool:
+    """True on a CUDA GPU whose tensor cores compute bfloat16 (compute capability >= 8.0), not by emulation."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
 
 
 def autocast(device: torch.device | str, precision: str = "float32") -> contextlib.AbstractContextManager:

@@ -126,14 +126,22 @@ def _loads(text: str | bytes) -> object:
         raise ValueError("its JSON is nested too deeply to be parsed") from None
 
 
+GPT2_REVISIONS = {  # the hub commit of each repository's files, so a change on the hub cannot change ours
+    "gpt2": "607a30d783dfa663caf39e06633721c8d4cfcd7e",
+    "gpt2-medium": "6dcaa7a952f72f9298047fd5137cd6e4f05f41da",
+    "gpt2-large": "32b71b12589c2f8d625668d2335a01cac3249519",
+    "gpt2-xl": "15ea56dee5df4983c59b2538573817e1667135e2",
+}
+
+
 def _download(name: str) -> tuple[Path, list[Path]]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    repo = GPT2_NAMES[name]
+    repo, revision = GPT2_NAMES[name], GPT2_REVISIONS[name]
     try:
-        config = Path(hf_hub_download(repo, "config.json"))
-        weights = Path(hf_hub_download(repo, "model.safetensors"))
+        config = Path(hf_hub_download(repo, "config.json", revision=revision))
+        weights = Path(hf_hub_download(repo, "model.safetensors", revision=revision))
     except LocalEntryNotFoundError as error:
         raise WeightsError(
             f"the {name} weights ({repo}) are not in the Hugging Face cache and cannot be downloaded "

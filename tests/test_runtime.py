@@ -72,12 +72,14 @@ def test_precision_auto_is_float32_on_a_cpu_and_named_precisions_are_kept():
         compute_dtype("cpu", "bf16")
 
 
-def test_precision_auto_is_bfloat16_on_a_gpu_that_supports_it(monkeypatch):
+@pytest.mark.parametrize(("gpu", "capability", "expected"), [
+    ("A100", (8, 0), torch.bfloat16), ("H100", (9, 0), torch.bfloat16),
+    ("T4, which emulates bfloat16", (7, 5), torch.float32), ("V100", (7, 0), torch.float32)])
+def test_precision_auto_is_bfloat16_only_where_the_gpu_computes_it_natively(monkeypatch, gpu, capability, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert compute_dtype("cuda", "auto") == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert compute_dtype("cuda", "auto") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # a T4 says so too
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert compute_dtype("cuda", "auto") == expected, gpu
 
 
 def test_autocast_bfloat16_on_cpu_computes_matmuls_in_bfloat16():
