@@ -9,7 +9,7 @@ REQ_HASH := $(shell cat requirements.txt pyproject.toml 2>/dev/null | sha256sum 
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 NOTEBOOKS := $(sort $(wildcard notebooks/part*.ipynb))
 
-.PHONY: setup run test test-helpers test-notebooks test-online rehearse-full lab lint clean
+.PHONY: setup run test test-helpers test-notebooks test-online rehearse-full gpu-check lab lint clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,10 @@ test-online: setup
 # runs/stand-in-hub/): for maintainers, before a release. See README.md for how long it takes.
 rehearse-full: setup
 	$(BIN)/python scripts/rehearse_online.py --sizes true
+
+# On a machine with a CUDA GPU: every training path at GPT-2's true shapes (tokens/s, MFU, peak memory).
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/
