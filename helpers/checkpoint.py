@@ -541,7 +541,6 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, bundle: dict, state_
 # reading while a save may rename the files
 
 
-_READ_ATTEMPTS = 4
 _SAVE_WAIT_S = 10.0  # the longest a reader waits for a save in progress before reading again
 Result = TypeVar("Result")
 
@@ -576,22 +575,43 @@ def _lock_held(lock: Path) -> bool:
 
 
 def _read_consistently(path: str | os.PathLike, read: Callable[[], Result]) -> Result:
-    """Call ``read``; when a save renamed the files under it, wait for that save to finish and read again."""
-    weights_path, _ = checkpoint_paths(path)
+    """Call ``read``; while saves keep renaming the files under it, wait for them and read again.
+
+    A mismatch that a save in progress explains goes away: the files change between two tries. One
+    that stays (the same files twice, no writer holding the lock) is real, and its error is raised.
+    Past ``_SAVE_WAIT_S`` of saves in a row the error names the writer.
+    """
+    weights_path, state_path = checkpoint_paths(path)
     lock = _lock_path(path)
-    for attempt in range(_READ_ATTEMPTS - 1):
+    deadline = time.monotonic() + _SAVE_WAIT_S
+    previous, attempt = None, 0
+    while True:
         try:
             return read()
-        except _ChangedWhileReading:
-            deadline = time.monotonic() + _SAVE_WAIT_S
-            time.sleep(0.05 * (attempt + 1))
+        except _ChangedWhileReading as changed:
+            attempt += 1
+            signature, writing = _files_signature(weights_path, state_path), _lock_held(lock)
+            if not writing and signature == previous:
+                raise changed.error from None
+            if time.monotonic() > deadline:
+                if writing:  # a writer kept renaming the files: say so, rather than blame a hand-made copy
+                    raise type(changed.error)(f"{changed.error}. The checkpoint changed while it was read, "
+                                              f"{attempt} times: {_locked_message(lock, _read_holder(lock))}") from None
+                raise changed.error from None
+            previous = signature
+            time.sleep(min(0.05 * attempt, 0.5))
             while (time.monotonic() < deadline and _lock_held(lock)
                    and any(staged.exists() for staged in _staging_paths(weights_path))):
                 time.sleep(0.05)
-    try:
-        return read()
-    except _ChangedWhileReading as changed:
-        if _lock_held(lock):  # a writer kept renaming the files: say so, rather than blame a hand-made copy
-            raise type(changed.error)(f"{changed.error}. The checkpoint changed while it was read, {_READ_ATTEMPTS} "
-                                      f"times: {_locked_message(lock, _read_holder(lock))}") from None
-        raise changed.error from None
+
+
+def _files_signature(*paths: Path) -> tuple:
+    """What identifies the files now (inode, modification time, size; None where missing): a save changes it."""
+    signature = []
+    for path in paths:
+        try:
+            stat = path.stat()
+            signature.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            signature.append(None)
+    return tuple(signature)

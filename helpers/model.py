@@ -16,8 +16,25 @@ __all__ = ["GPT_CONFIGS", "FeedForward", "GPTConfig", "GPTModel", "KVCache", "Tr
            "init_gpt2_weights"]
 
 
+class ConfigDict:
+    """``to_dict`` and ``from_dict`` for the frozen config dataclasses (``GPTConfig``, ``ModernConfig``)."""
+
+    def to_dict(self) -> dict:
+        """The fields as a plain dict (for JSON and checkpoints)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping):
+        """Build a config from a dict, naming any key it does not know."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; the known keys are {sorted(known)}")
+        return cls(**values)
+
+
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(ConfigDict):
     """The sizes of a GPT model. Invalid combinations are refused when the config is built."""
 
     vocab_size: int = 50257
@@ -49,18 +66,6 @@ class GPTConfig:
         """Dimensions per attention head."""
         return self.emb_dim // self.n_heads
 
-    def to_dict(self) -> dict:
-        """The fields as a plain dict (for JSON and checkpoints)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping) -> GPTConfig:
-        """Build a config from a dict, naming any key it does not know."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown GPTConfig keys {sorted(unknown)}; the known keys are {sorted(known)}")
-        return cls(**values)
 
 
 GPT_CONFIGS: dict[str, GPTConfig] = {

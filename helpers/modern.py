@@ -10,7 +10,6 @@ also importable from here).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers.attention import LayerKVCache
-from helpers.model import KVCache
+from helpers.model import ConfigDict, KVCache
 
 __all__ = ["MODERN_CONFIGS", "ROPE_TYPES", "GroupedQueryAttention", "GrowingLayerKVCache", "ModernBlock",
            "ModernConfig", "ModernKVCache", "ModernModel", "RMSNorm", "RopeScaling", "RotaryEmbedding", "SwiGLU",
@@ -68,7 +67,7 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
-class ModernConfig:
+class ModernConfig(ConfigDict):
     """The sizes of a modern decoder. Invalid combinations are refused when the config is built.
 
     ``n_kv_heads`` key/value heads serve ``n_heads`` query heads (``n_heads / n_kv_heads`` each);
@@ -115,18 +114,6 @@ class ModernConfig:
         if isinstance(self.drop_rate, bool) or not 0.0 <= float(self.drop_rate) < 1.0:
             raise ValueError(f"ModernConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
 
-    def to_dict(self) -> dict:
-        """The fields as a plain dict (for JSON and checkpoints); ``rope_scaling`` becomes a dict or None."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping) -> ModernConfig:
-        """Build a config from a dict, naming any key it does not know."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown ModernConfig keys {sorted(unknown)}; the known keys are {sorted(known)}")
-        return cls(**values)
 
 
 MODERN_CONFIGS: dict[str, ModernConfig] = {
