@@ -57,10 +57,12 @@ def _as_terminal_shows(text: str) -> str:
 
 
 def clean_outputs(notebook) -> None:
-    """Merge consecutive stream outputs of each cell and collapse progress-bar updates to their last state."""
+    """Merge consecutive stream outputs of each cell, collapse progress-bar updates to their last state, and
+    drop the execution timestamps nbclient records (noise in every diff)."""
     for cell in notebook.cells:
         if cell.cell_type != "code":
             continue
+        cell.metadata.pop("execution", None)
         merged = []
         for output in cell.get("outputs", []):
             if (output.output_type == "stream" and merged and merged[-1].output_type == "stream"
