@@ -95,3 +95,16 @@ def test_every_committed_plot_carries_a_description():
                 if "image/png" in data:
                     text = "".join(data.get("text/plain", ""))
                     assert text.startswith(("Plot: ", "Diagram ")), f"{path.name} cell {index}: {text[:60]!r}"
+
+
+def test_nbconvert_html_shows_the_diagram_as_an_image():
+    """What JupyterLab's HTML export shows: the committed output as an <img>, the PNG inline."""
+    import base64
+
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    path = FIGURES.parent / "part04_attention.ipynb"
+    html, _ = HTMLExporter().from_notebook_node(nbformat.read(path, as_version=4))
+    png = base64.b64encode((FIGURES / "part04_attention.png").read_bytes()).decode("ascii")
+    assert f'src="data:image/png;base64,{png}"' in html

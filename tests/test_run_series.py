@@ -79,3 +79,24 @@ def test_a_progress_bar_is_committed_as_one_line(series_run):
     assert "\r" not in text
     assert [line for line in text.splitlines() if line.strip()] == [line for line in text.splitlines()
                                                                     if "50/50" in line]
+
+
+def test_a_notebook_showing_a_later_model_runs_again_once_that_model_exists(tmp_path, monkeypatch, capsys):
+    if not _project_kernel_installed():
+        pytest.skip("the project's Jupyter kernel is not installed (run `make setup`, which installs it)")
+    import run_series
+
+    monkeypatch.setattr(run_series, "ROOT", tmp_path)
+    monkeypatch.setattr(run_series, "LOOKS_AHEAD", {"a_shows": "later-model"})
+    model_file = tmp_path / "checkpoints" / "later-model" / "model.safetensors"
+    shows = _notebook(tmp_path / "a_shows.ipynb", f"print('model present:', {str(model_file)!r} and "
+                                                   f"__import__('os').path.exists({str(model_file)!r}))")
+    trains = _notebook(tmp_path / "b_trains.ipynb", f"import pathlib\np = pathlib.Path({str(model_file)!r})\n"
+                                                    "p.parent.mkdir(parents=True)\np.write_bytes(b'x')")
+    assert run_series.run([shows, trains], tmp_path / "out", run_series.KERNEL, write_back=True) == 0
+    assert "a_shows.ipynb ran before later-model existed: running it again" in capsys.readouterr().out
+    saved = nbformat.read(shows, as_version=4)
+    assert saved.cells[0].outputs[0]["text"] == "model present: True\n"
+    # a second run of the series finds the model from the start: nothing runs twice
+    assert run_series.run([shows, trains][:1], tmp_path / "out2", run_series.KERNEL) == 0
+    assert "running it again" not in capsys.readouterr().out
