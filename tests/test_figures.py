@@ -75,7 +75,8 @@ def test_show_plot_saves_the_png_with_its_description_and_closes_the_figure(caps
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     plot = render_plot(fig, "A falling  line,\n from 1 to 0")
-    assert isinstance(plot, Plot) and plot.png.startswith(b"\x89PNG") and plot.description == "A falling line, from 1 to 0"
+    assert isinstance(plot, Plot) and plot.png.startswith(b"\x89PNG")
+    assert plot.description == "A falling line, from 1 to 0"
     assert not plt.fignum_exists(fig.number)
     fig, _ = plt.subplots()
     show_plot(fig, "an empty plot")  # outside Jupyter the description is printed
