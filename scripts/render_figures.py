@@ -2,7 +2,7 @@
 
 Usage: python scripts/render_figures.py [--force] [FIGURE.svg ...]
 
-The SVG files are the editable sources; the PNGs are what the notebooks show (helpers.figures.show_diagram).
+The SVG files are the editable sources; the PNGs are what the notebooks' markdown links to.
 Only figures whose PNG is missing or older than the SVG are rendered, unless --force is given. Rendering uses
 ``rsvg-convert`` (Debian/Ubuntu: ``apt-get install librsvg2-bin``; macOS: ``brew install librsvg``)
 and falls back to the ``cairosvg`` Python package (``pip install cairosvg``) when that is missing.
