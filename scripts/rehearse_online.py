@@ -5,7 +5,7 @@ Usage: python scripts/rehearse_online.py [--sizes quick|true] [--keep DIR] [note
 Each notebook (default: Part 08 and the three Part 09 notebooks) runs end to end with
 ``LLM_ONLINE=1`` and ``LLM_QUICK=1``, ``HF_ENDPOINT`` pointing at scripts/stand_in_hub.py on
 127.0.0.1, ``HF_HUB_OFFLINE`` unset and an empty Hugging Face cache, in a scratch copy of the project
-(``helpers/``, the notebooks and their diagrams, ``pyproject.toml``), so the checkpoints and results it writes never mix
+(``helpers/``, the notebooks, ``pyproject.toml``), so the checkpoints and results it writes never mix
 with the real ones. Part 07's checkpoints are copied in when they exist (otherwise the notebooks train
 their stand-ins, as on Colab). The preferences notebook runs before the instruction notebook: it
 starts, as on Colab, without an instruction model and builds its own.
@@ -40,11 +40,10 @@ PART07_CHECKPOINTS = ["part07-quick", "part07-novels-quick"]  # what the online 
 
 
 def make_workspace(folder: Path, notebooks: list[str]) -> Path:
-    """A scratch copy of the project: the package, the notebooks to run, their diagrams, Part 07's quick checkpoints."""
+    """A scratch copy of the project: the package, the notebooks to run, and Part 07's quick checkpoints."""
     shutil.copytree(ROOT / "helpers", folder / "helpers", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(ROOT / "pyproject.toml", folder / "pyproject.toml")
     (folder / "notebooks").mkdir()
-    shutil.copytree(ROOT / "notebooks" / "figures", folder / "notebooks" / "figures")  # the diagrams, as a clone has
     for name in notebooks:
         shutil.copy2(ROOT / "notebooks" / f"{name}.ipynb", folder / "notebooks" / f"{name}.ipynb")
     for name in PART07_CHECKPOINTS:
