@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from helpers.modern import ModernConfig, ModernModel, RopeScaling
-from helpers.weights import WeightsError, _assign, _check_shape, _local_files, _Tensors
+from helpers.weight_files import Tensors, WeightsError, assign_weights, check_shape, local_files
 
 __all__ = ["BLOCK_TABLE", "LLAMA_NAMES", "QWEN3_NAMES", "TOP_TABLE", "hf_names", "load_llama", "load_qwen3"]
 
@@ -109,7 +109,7 @@ def _find_files(name_or_path: str | os.PathLike, family: _Family) -> tuple[Path,
             raise WeightsError(f"{key!r} is neither a {family.name} name ({', '.join(family.hub_names)}), nor a hub "
                                "repository ('owner/name'), nor an existing file or folder")
         path = _download(repo)
-    config_path, files = _local_files(path)
+    config_path, files = local_files(path)
     if config_path is None:
         raise WeightsError(f"{path} has no config.json beside its weights; {family.loader} needs the model's own "
                            "config.json (the sizes and rotary settings cannot be read off the tensors)")
@@ -200,7 +200,7 @@ def _read_config(config_path: Path, family: _Family) -> ModernConfig:
 # loading
 
 
-def _stored_names(tensors: _Tensors, cfg: ModernConfig, source: str) -> set[str]:
+def _stored_names(tensors: Tensors, cfg: ModernConfig, source: str) -> set[str]:
     """The names in the files that should become parameters; a tied file's head must equal its embedding."""
     stored = {name for name in tensors.names() if not _BUFFERS.fullmatch(name)}
     if cfg.tie_weights and HEAD_ROW[0] in stored:
@@ -212,7 +212,7 @@ def _stored_names(tensors: _Tensors, cfg: ModernConfig, source: str) -> set[str]
     return stored
 
 
-def _build(tensors: _Tensors, cfg: ModernConfig, source: str, device: torch.device,
+def _build(tensors: Tensors, cfg: ModernConfig, source: str, device: torch.device,
            dtype: torch.dtype | None) -> ModernModel:
     """Every tensor through its row of the name table, checked by name and shape, into a ModernModel."""
     table = hf_names(cfg)
@@ -230,9 +230,9 @@ def _build(tensors: _Tensors, cfg: ModernConfig, source: str, device: torch.devi
     for hf_name, ours in table.items():
         if hf_name not in stored:
             raise WeightsError(f"{source} has no tensor {hf_name} (expected shape {shapes[ours]})")
-        _check_shape(source, hf_name, tensors.shape(hf_name), shapes[ours])
+        check_shape(source, hf_name, tensors.shape(hf_name), shapes[ours])
         state[ours] = tensors.get(hf_name).to(device=device, dtype=dtype)
-    return _assign(model, state, source)
+    return assign_weights(model, state, source)
 
 
 def _checked_device(loader: str, name_or_path: object, device: object, dtype: object) -> torch.device:
@@ -253,7 +253,7 @@ def _load(family: _Family, name_or_path: str | os.PathLike, device: torch.device
     device = _checked_device(family.loader, name_or_path, device, dtype)
     config_path, files = _find_files(name_or_path, family)
     cfg = _read_config(config_path, family)
-    tensors = _Tensors(files)
+    tensors = Tensors(files)
     source = str(files[0] if len(files) == 1 else files[0].parent)
     return _build(tensors, cfg, source, device, dtype)
 

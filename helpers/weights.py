@@ -4,16 +4,15 @@ GPT-2's files name and shape tensors differently from the series (``c_attn`` hol
 and value side by side; its linear layers are ``Conv1D`` with transposed weights). One table,
 ``TOP_TABLE`` / ``BLOCK_TABLE`` below, states the correspondence and, for every row, the
 ``Transform`` that turns the file's tensor into ours and back; loading and saving both read it.
+Reading the files themselves (checked safetensors, shards) is ``helpers.weight_files``' job.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from safetensors.torch import save_file
 
 from helpers.model import GPTConfig, GPTModel
 from helpers.runtime import unwrap_model, write_atomically
+from helpers.weight_files import Tensors as _Tensors  # a module global, so a benchmark can swap the reader
+from helpers.weight_files import WeightsError, assign_weights, check_shape, loads_json, local_files
 
 __all__ = ["BLOCK_TABLE", "GPT2_NAMES", "TOP_TABLE", "Transform", "WeightsError", "load_gpt2", "save_hf_gpt2"]
 
@@ -32,10 +33,6 @@ GPT2_NAMES = {
     "gpt2-xl": "openai-community/gpt2-xl",
 }
 """The official sizes, by name, and their Hugging Face hub repositories."""
-
-
-class WeightsError(ValueError):
-    """Weights could not be found or do not fit; the message names the tensor or file."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,18 +111,6 @@ def _mapped_names(cfg: GPTConfig) -> dict[str, tuple[tuple[str, ...], Transform]
 # finding the files
 
 
-def _loads(text: str | bytes) -> object:
-    """``json.loads``, with a document nested too deeply for Python's parser refused as a ValueError.
-
-    Python's parser recurses once per level and raises RecursionError past about a thousand; the
-    callers turn ValueError into a WeightsError naming their file.
-    """
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError("its JSON is nested too deeply to be parsed") from None
-
-
 GPT2_REVISIONS = {  # the hub commit of each repository's files, so a change on the hub cannot change ours
     "gpt2": "607a30d783dfa663caf39e06633721c8d4cfcd7e",
     "gpt2-medium": "6dcaa7a952f72f9298047fd5137cd6e4f05f41da",
@@ -151,44 +136,6 @@ def _download(name: str) -> tuple[Path, list[Path]]:
     return config, [weights]
 
 
-def _shard_files(index: Path) -> list[Path]:
-    """The shard files a ``model.safetensors.index.json`` names, each checked to exist beside it."""
-    try:
-        weight_map = _loads(index.read_text())["weight_map"]
-        shard_names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise WeightsError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of tensor "
-                           f"name -> shard file): {error!r}; re-save the model") from error
-    files = []
-    for shard in shard_names:
-        if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
-            raise WeightsError(f"{index} names the shard {shard!r}; shards must be .safetensors files in the "
-                               "same folder")
-        if not (index.parent / shard).is_file():
-            raise WeightsError(f"{index} names the shard {shard}, which is not in {index.parent}; copy every "
-                               "shard beside the index")
-        files.append(index.parent / shard)
-    return files
-
-
-def _local_files(path: Path) -> tuple[Path | None, list[Path]]:
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise WeightsError(f"{path} is not a .safetensors file; convert it (safetensors only, never pickles)")
-        config = path.with_name("config.json")
-        return (config if config.is_file() else None), [path]
-    config = path / "config.json"
-    if (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    elif (path / "model.safetensors.index.json").is_file():
-        files = _shard_files(path / "model.safetensors.index.json")
-    else:
-        found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-        raise WeightsError(f"{path} holds no model.safetensors (it holds: {found}); pass the folder a model was "
-                           "saved to (config.json and model.safetensors) or the .safetensors file itself")
-    return (config if config.is_file() else None), files
-
-
 def _find_files(name_or_path: str | os.PathLike) -> tuple[Path | None, list[Path]]:
     """The config.json (or None) and the safetensors files ``name_or_path`` stands for."""
     key = os.fspath(name_or_path)
@@ -197,110 +144,7 @@ def _find_files(name_or_path: str | os.PathLike) -> tuple[Path | None, list[Path
     path = Path(key).expanduser()
     if not path.exists():
         raise WeightsError(f"{key!r} is neither a GPT-2 name ({', '.join(GPT2_NAMES)}) nor an existing file or folder")
-    return _local_files(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# reading
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-_MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on the JSON header
-
-
-def _read_header(file: Path) -> tuple[dict, int, int]:
-    """A safetensors file's JSON header, where its data starts, and how many bytes of data it holds."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as handle:
-            header_length = struct.unpack("<Q", handle.read(8))[0]
-            if header_length > size - 8:
-                raise ValueError(f"the header claims {header_length} bytes but the file has {size}")
-            if header_length > _MAX_HEADER_BYTES:
-                raise ValueError(f"the header claims {header_length} bytes, more than safetensors allows "
-                                 f"({_MAX_HEADER_BYTES})")
-            header = _loads(handle.read(header_length))
-    except (OSError, ValueError, struct.error) as error:
-        raise WeightsError(f"{file} is truncated or not a safetensors file ({error}); download or save it "
-                           "again") from error
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
-        raise WeightsError(f"{file} is not a safetensors file (its header is not a JSON object of tensors)")
-    return header, 8 + header_length, size - 8 - header_length
-
-
-def _check_entry(file: Path, name: str, info: object, data_size: int) -> tuple[int, int]:
-    """The byte range of one header entry, refused unless it holds exactly its dtype and shape."""
-    def refuse(problem: str) -> WeightsError:
-        return WeightsError(f"{file}: tensor {name} {problem}; the file is damaged or was not written by a "
-                            "safetensors writer, save or download it again")
-
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-        raise refuse("lacks its dtype, shape or data_offsets")
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-        raise refuse(f"has dtype {info['dtype']!r}, which this loader does not read")
-    shape, offsets = info["shape"], info["data_offsets"]
-    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
-        raise refuse(f"has shape {shape!r}, not a list of sizes >= 0")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(n) is int for n in offsets):
-        raise refuse(f"has data_offsets {offsets!r}, not [begin, end]")
-    begin, end = offsets
-    if not 0 <= begin <= end <= data_size:
-        raise refuse(f"claims bytes {begin}..{end}, outside the file's {data_size} bytes of data")
-    needed = math.prod(shape) * _SAFETENSORS_DTYPES[info["dtype"]].itemsize
-    if needed != end - begin:
-        raise refuse(f"of shape {shape} and dtype {info['dtype']} needs {needed} bytes, but its range "
-                     f"{begin}..{end} holds {end - begin}")
-    return begin, end
-
-
-class _Tensors:
-    """The tensors of one or more safetensors files, by normalised GPT-2 name, read one at a time.
-
-    A safetensors file is an 8-byte header length, a JSON header (dtype, shape and byte range of
-    every tensor) and the raw bytes. Every range is checked against its shape, dtype, the file's size
-    and the other ranges before anything is allocated; ``get`` then reads one tensor's bytes straight
-    into a fresh tensor, so loading holds one copy of the weights and no mapping of the file.
-    """
-
-    def __init__(self, files: list[Path]):
-        self.where: dict[str, tuple[Path, int, dict]] = {}
-        self.metadata: dict[str, str] = {}
-        for file in files:
-            header, data_start, data_size = _read_header(file)
-            self.metadata.update(header.pop("__metadata__", None) or {})
-            ranges = sorted((*_check_entry(file, key, info, data_size), key) for key, info in header.items())
-            for (_, previous_end, previous), (begin, _, key) in zip(ranges, ranges[1:]):
-                if begin < previous_end:
-                    raise WeightsError(f"{file}: tensors {previous} and {key} share bytes; the file is damaged, "
-                                       "save or download it again")
-            for key, info in header.items():
-                name = key.removeprefix("transformer.")
-                if name in self.where:
-                    raise WeightsError(f"{file} holds {key}, which {self.where[name][0]} holds too; pass one model")
-                self.where[name] = (file, data_start, info)
-
-    def names(self) -> set[str]:
-        return set(self.where)
-
-    def shape(self, name: str) -> list[int]:
-        return list(self.where[name][2]["shape"])
-
-    def get(self, name: str) -> torch.Tensor:
-        file, data_start, info = self.where[name]
-        start, end = info["data_offsets"]
-        tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-        if end > start:
-            with open(file, "rb") as handle:
-                handle.seek(data_start + start)
-                if handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - start:
-                    raise WeightsError(f"{file} changed or was cut short while {name} was read from it")
-        return tensor
+    return local_files(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +157,7 @@ _HF_SIZES = {"vocab_size": "vocab_size", "n_positions": "context_length", "n_emb
 def _read_hf_config(config_path: Path) -> tuple[dict, float]:
     """GPTConfig's sizes and the dropout rate that a Hugging Face GPT-2 ``config.json`` states."""
     try:
-        hf = _loads(config_path.read_text())
+        hf = loads_json(config_path.read_text())
     except (OSError, ValueError) as error:
         raise WeightsError(f"{config_path} cannot be read as JSON ({error}); restore the model's "
                            "config.json") from error
@@ -389,7 +233,7 @@ def _load_ours(tensors: _Tensors, source: str, device: torch.device, dtype: torc
                            "load_gpt2 cannot build; load it with helpers.checkpoint: model = "
                            "model_from_config(read_config(path), read_arch(path)); load_checkpoint(path, model)")
     try:
-        saved = _loads(tensors.metadata.get("config") or "null")
+        saved = loads_json(tensors.metadata.get("config") or "null")
         if drop_rate is not None and isinstance(saved, dict):
             saved = {**saved, "drop_rate": drop_rate}
         cfg = GPTConfig.from_dict(saved) if saved else None
@@ -411,23 +255,17 @@ def _load_ours(tensors: _Tensors, source: str, device: torch.device, dtype: torc
                            "classifier with helpers.checkpoint.load_checkpoint into a model prepared the same way")
     state = {}
     for name in tensors.names():
-        _check_shape(source, name, tensors.shape(name), list(expected[name].shape))
+        check_shape(source, name, tensors.shape(name), list(expected[name].shape))
         state[name] = tensors.get(name).to(device=device, dtype=dtype)
     if cfg.tie_weights and "tok_emb.weight" not in state and "out_head.weight" in state:
         state["tok_emb.weight"] = state["out_head.weight"]
-    return _assign(model, state, source)
+    return assign_weights(model, state, source)
 
 
 def _holds_own_head(tensors: _Tensors) -> bool:
     """Whether a file of our names holds an output head that differs from its token embedding."""
     both = {"tok_emb.weight", "out_head.weight"} <= tensors.names()
     return both and not torch.equal(tensors.get("tok_emb.weight"), tensors.get("out_head.weight"))
-
-
-def _check_shape(source: str, name: str, actual: list[int], expected: list[int]) -> None:
-    if actual != expected:
-        raise WeightsError(f"{source}: {name} has shape {actual}, but a model with this config needs {expected}; "
-                           "check that the config belongs to these weights")
 
 
 def _load_hf_names(tensors: _Tensors, cfg: GPTConfig, source: str, device: torch.device,
@@ -450,23 +288,11 @@ def _load_hf_names(tensors: _Tensors, cfg: GPTConfig, source: str, device: torch
         expected = how.hf_shape([shapes[name] for name in ours])
         if hf_name not in stored:
             raise WeightsError(f"{source} has no tensor {hf_name} (expected shape {expected})")
-        _check_shape(source, hf_name, tensors.shape(hf_name), expected)
+        check_shape(source, hf_name, tensors.shape(hf_name), expected)
         for our_name, tensor in zip(ours, how.to_ours(tensors.get(hf_name)), strict=True):
             state[our_name] = tensor.to(device=device, dtype=dtype)
-    return _assign(model, state, source)
+    return assign_weights(model, state, source)
 
-
-def _assign(model: GPTModel, state: dict[str, torch.Tensor], source: str) -> GPTModel:
-    if model.cfg.tie_weights:
-        state["out_head.weight"] = state.get("out_head.weight", state.get("tok_emb.weight"))
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if name not in state:
-            raise WeightsError(f"{source} has no tensor for {name} (shape {list(param.shape)})")
-        _check_shape(source, name, list(state[name].shape), list(param.shape))
-    model.load_state_dict(state, strict=True, assign=True)
-    if model.cfg.tie_weights:
-        model.out_head.weight = model.tok_emb.weight
-    return model.eval()
 
 
 def _checked_arguments(name_or_path: object, device: object, dtype: object,
