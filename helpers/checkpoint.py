@@ -26,67 +26,53 @@ Architectures. The weights' metadata names the model's architecture (``arch``: `
 ``GPTModel``, ``"modern"`` for Part 10's ``ModernModel``; a file without it is GPT-2's, as every file
 was before Part 10), and ``read_arch`` reads it back. ``model_from_config(read_config(path),
 read_arch(path))`` builds the right model for ``load_checkpoint``, and a model of the other
-architecture is refused by name. ``helpers.modern`` is imported only when a modern checkpoint is
-read, so this Part 07 module does not depend on Part 10 at import.
+architecture is refused by name. The architectures are ``helpers.architectures``' table, which
+imports ``helpers.modern`` only when a modern checkpoint is read, so this Part 07 module does not
+depend on Part 10 at import. The file names and the newest pair are ``helpers.checkpoint_files``',
+the lock ``helpers.checkpoint_lock``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
-import importlib
 import json
 import os
 import random
 import shutil
-import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from helpers.runtime import process_alive, remove_stale_temporaries, unwrap_model, write_atomically
+from helpers.architectures import ARCHITECTURES, UnknownArchitectureError, architecture_of, get_architecture
+from helpers.architectures import model_from_config as _model_from_config
+from helpers.checkpoint_files import (
+    CheckpointError,
+    CheckpointLockedError,
+    CheckpointNotFoundError,
+    checkpoint_paths,
+    files_signature,
+    files_to_load,
+    newest_pair,
+    read_header,
+    save_id_of_weights,
+    staging_paths,
+)
+from helpers.checkpoint_lock import checkpoint_lock, lock_held, lock_path, locked_message
+from helpers.runtime import remove_stale_temporaries, unwrap_model, write_atomically
 
-__all__ = ["ARCHITECTURES", "CheckpointError", "CheckpointLockedError", "checkpoint_lock", "checkpoint_paths",
-           "load_checkpoint", "model_from_config", "read_arch", "read_config", "recover_interrupted_save",
-           "remove_stale_temporaries", "save_checkpoint"]
-
-ARCHITECTURES: dict[str, tuple[str, str, str]] = {
-    "gpt2": ("helpers.model", "GPTModel", "GPTConfig"),  # Part 06
-    "modern": ("helpers.modern", "ModernModel", "ModernConfig"),  # Part 10
-}
-"""Architecture name -> (module, model class, config class): what a checkpoint's ``arch`` builds."""
+__all__ = ["ARCHITECTURES", "CheckpointError", "CheckpointLockedError", "CheckpointNotFoundError", "checkpoint_lock",
+           "checkpoint_paths", "load_checkpoint", "model_from_config", "read_arch", "read_config",
+           "recover_interrupted_save", "remove_stale_temporaries", "save_checkpoint"]
 
 _UNMARKED_ARCH = "gpt2"  # the architecture of a file saved before checkpoints named theirs
 _UNSTRUCTURAL = ("drop_rate",)  # config fields that do not change the shapes or sharing of the weights
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated, or does not fit the model; the message names the file."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The checkpoint file does not exist."""
-
-
-class CheckpointLockedError(CheckpointError):
-    """Another process or thread is writing checkpoints to the folder; the message names it."""
-
-
-def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """Return ``(weights, state)`` file paths: ``path`` itself if it ends in .safetensors, else inside it."""
-    path = Path(path)
-    weights = path if path.suffix == ".safetensors" else path / "model.safetensors"
-    return weights, weights.with_name(f"{weights.stem}.state.pt")
 
 
 def _config_of(model: nn.Module) -> dict | None:
@@ -96,30 +82,26 @@ def _config_of(model: nn.Module) -> dict | None:
 
 def _arch_of(model: nn.Module) -> str | None:
     """The ``ARCHITECTURES`` name of ``model``'s config class; None for a model of another kind."""
-    cfg_class = type(getattr(unwrap_model(model), "cfg", None))
-    for arch, (module, _, config_class) in ARCHITECTURES.items():
-        if (cfg_class.__module__, cfg_class.__name__) == (module, config_class):
-            return arch
-    return None
+    return architecture_of(model)
 
 
 def _classes(arch: str) -> tuple[type, type]:
     """The (model class, config class) of ``arch``, importing its module on first use."""
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"unknown architecture {arch!r}; the known ones are {', '.join(ARCHITECTURES)}")
-    module_name, model_class, config_class = ARCHITECTURES[arch]
-    module = importlib.import_module(module_name)
-    return getattr(module, model_class), getattr(module, config_class)
+    try:
+        architecture = get_architecture(arch)
+    except UnknownArchitectureError as error:
+        raise CheckpointError(str(error)) from None
+    return architecture.model, architecture.config
 
 
 def model_from_config(config: dict, arch: str = "gpt2") -> nn.Module:
     """A new model of architecture ``arch`` (``"gpt2"`` or ``"modern"``) built from a saved ``config`` dict.
 
     ``model_from_config(read_config(path), read_arch(path))`` builds the model a checkpoint's weights
-    fit, for ``load_checkpoint``: a ``GPTModel`` or a ``ModernModel``.
+    fit, for ``load_checkpoint``: a ``GPTModel`` or a ``ModernModel`` (``helpers.architectures`` names them).
     """
-    model_class, config_class = _classes(arch)
-    return model_class(config_class.from_dict(config))
+    _classes(arch)  # an unknown name is a CheckpointError here
+    return _model_from_config(config, arch)
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -164,106 +146,9 @@ def _restore_rng(states: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # one writer per folder: a lock file naming its holder
 
-_HELD: dict[str, list[int]] = {}  # lock file -> [thread id, depth] of the locks this process holds
-_HELD_GUARD = threading.Lock()
-_UNNAMED_LOCK_S = 10.0  # a lock file still without its holder's name after this long was left by a killed writer
-
-
-def _lock_path(path: str | os.PathLike) -> Path:
-    weights_path, _ = checkpoint_paths(path)
-    return weights_path.with_name(f"{weights_path.stem}.lock")
-
-
-def _read_holder(lock: Path) -> dict | None:
-    """The holder named in ``lock``; None if it is gone or does not name one (yet)."""
-    try:
-        holder = json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
-
-
-def _is_stale(lock: Path, holder: dict | None) -> bool:
-    """True if no live process holds ``lock``: its holder is dead on this host, or it never got a holder."""
-    if holder is None:
-        try:
-            return time.time() - lock.stat().st_mtime > _UNNAMED_LOCK_S
-        except FileNotFoundError:  # released meanwhile
-            return True
-    if holder.get("host") != socket.gethostname():
-        return False  # another machine's process: cannot be checked from here
-    # our own process id, not held by this process: an earlier process with the same id left it
-    return holder["pid"] == os.getpid() or not process_alive(holder["pid"])
-
-
-def _locked_message(lock: Path, holder: dict | None, process: str = "process") -> str:
-    who = (f"{process} {holder['pid']} on {holder.get('host')} (since {holder.get('since')})" if holder
-           else "another process")
-    return (f"{lock.parent} is being written by {who}, which holds {lock}: one writer per checkpoint folder. "
-            f"Wait for it to finish or save to another folder; if that process no longer runs, delete {lock}")
-
-
-def _take_lock(lock: Path) -> None:
-    """Create ``lock`` naming this process, taking over a stale one; raise ``CheckpointLockedError`` if held."""
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    for _ in range(3):
-        try:
-            descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            holder = _read_holder(lock)
-            if not _is_stale(lock, holder):
-                raise CheckpointLockedError(_locked_message(lock, holder)) from None
-            if _read_holder(lock) == holder:  # still the dead holder's, not one that took it over meanwhile
-                lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(json.dumps(me))
-        return
-    raise CheckpointLockedError(_locked_message(lock, _read_holder(lock)))
-
-
-def _release_lock(lock: Path) -> None:
-    holder = _read_holder(lock)
-    if holder is not None and (holder["pid"], holder.get("host")) == (os.getpid(), socket.gethostname()):
-        lock.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def checkpoint_lock(path: str | os.PathLike) -> Iterator[Path]:
-    """``with checkpoint_lock(path):`` makes this thread the one writer of the checkpoint at ``path``; yields the lock.
-
-    Re-entrant in one thread (``save_checkpoint`` inside the block takes it again). Raises
-    ``CheckpointLockedError`` naming the holder when another process or thread holds it; a lock
-    whose process no longer runs on this host is taken over. The folder must exist.
-    """
-    lock = _lock_path(path)
-    key = str(lock.absolute())
-    with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is not None and held[0] != threading.get_ident():
-            raise CheckpointLockedError(_locked_message(lock, _read_holder(lock), "another thread of process"))
-        if held is None:
-            _take_lock(lock)
-            held = _HELD[key] = [threading.get_ident(), 0]
-        held[1] += 1
-    try:
-        yield lock
-    finally:
-        with _HELD_GUARD:
-            held[1] -= 1
-            if held[1] == 0:
-                del _HELD[key]
-                _release_lock(lock)
-
 
 # ---------------------------------------------------------------------------------------------
 # saving
-
-
-def _staging_paths(weights_path: Path) -> tuple[Path, Path]:
-    """Where a save writes its new pair before renaming it over the current one."""
-    return checkpoint_paths(weights_path.with_name(f"{weights_path.stem}.new.safetensors"))
 
 
 def _save_weights(model: nn.Module, tmp: Path, metadata: dict) -> None:
@@ -304,7 +189,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         metadata = {"format": "pt", "save_id": save_id, "config": json.dumps(config)}
         if arch is not None:
             metadata["arch"] = arch
-        new_weights, new_state = _staging_paths(weights_path)
+        new_weights, new_state = staging_paths(weights_path)
         write_atomically(new_state, lambda tmp: torch.save(bundle, tmp))
         write_atomically(new_weights, lambda tmp: _save_weights(model, tmp, metadata))
         os.replace(new_state, state_path)  # from here until the next line, the pair is (new weights, this state)
@@ -321,11 +206,11 @@ def recover_interrupted_save(path: str | os.PathLike) -> Path | None:
     weights_path, state_path = checkpoint_paths(path)
     if not weights_path.parent.is_dir():
         return None
-    new_weights, new_state = _staging_paths(weights_path)
+    new_weights, new_state = staging_paths(weights_path)
     with checkpoint_lock(weights_path):
         for leftover in (weights_path, state_path, new_weights, new_state):
             remove_stale_temporaries(leftover)
-        pair = _newest_pair(weights_path)
+        pair = newest_pair(weights_path)
         if pair is not None and pair[1] == new_state:
             os.replace(new_state, state_path)
         if pair is not None and pair[0] == new_weights:
@@ -333,51 +218,6 @@ def recover_interrupted_save(path: str | os.PathLike) -> Path | None:
         for leftover in (new_weights, new_state):
             leftover.unlink(missing_ok=True)
     return weights_path if pair is not None or weights_path.is_file() else None
-
-
-def _save_id_of_weights(weights_path: Path) -> str | None:
-    try:
-        return _read_header(weights_path)[1].get("save_id")
-    except (CheckpointError, OSError):
-        return None
-
-
-def _save_id_of_state(state_path: Path) -> str | None:
-    try:
-        bundle = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # damaged or not a state file: not a candidate
-        return None
-    return bundle.get("save_id") if isinstance(bundle, dict) else None
-
-
-def _newest_pair(weights_path: Path) -> tuple[Path, Path] | None:
-    """The newest (weights, state) files of one save: staged, half-swapped, or current; None if none is whole."""
-    _, state_path = checkpoint_paths(weights_path)
-    new_weights, new_state = _staging_paths(weights_path)
-    if not (new_weights.is_file() or new_state.is_file()):  # no interrupted save: the current pair, checked later
-        return (weights_path, state_path) if weights_path.is_file() and state_path.is_file() else None
-    weights_ids = {path: _save_id_of_weights(path) for path in (new_weights, weights_path) if path.is_file()}
-    for candidate_state in (new_state, state_path):
-        state_id = _save_id_of_state(candidate_state) if candidate_state.is_file() else None
-        for candidate_weights, weights_id in weights_ids.items():
-            if state_id is not None and weights_id == state_id:
-                return candidate_weights, candidate_state
-    return None
-
-
-def _read_header(weights_path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
-    try:
-        with safe_open(str(weights_path), framework="pt") as handle:
-            shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
-            return shapes, handle.metadata() or {}
-    except Exception as error:  # safetensors raises its own error type for a damaged header
-        raise CheckpointError(f"{weights_path} is truncated or not a safetensors file ({error})") from error
-
-
-def _files_to_load(path: str | os.PathLike) -> tuple[Path, Path]:
-    """The (weights, state) pair a load should read: the newest complete one, else the current names."""
-    weights_path, state_path = checkpoint_paths(path)
-    return _newest_pair(weights_path) or (weights_path, state_path)
 
 
 def read_config(path: str | os.PathLike) -> dict | None:
@@ -388,7 +228,7 @@ def read_config(path: str | os.PathLike) -> dict | None:
     The dict is a ``ModernConfig``'s when ``read_arch`` says ``"modern"``: ``model_from_config`` builds either.
     """
     def read() -> dict | None:
-        weights_path, _ = _files_to_load(path)
+        weights_path, _ = files_to_load(path)
         _, metadata = _read_header_of_chosen(weights_path)
         return _parse_config(weights_path, metadata)
 
@@ -401,7 +241,7 @@ def read_arch(path: str | os.PathLike) -> str:
     ``"gpt2"`` for a file saved before checkpoints recorded it; an unknown name raises ``CheckpointError``.
     """
     def read() -> str:
-        weights_path, _ = _files_to_load(path)
+        weights_path, _ = files_to_load(path)
         _, metadata = _read_header_of_chosen(weights_path)
         return _parse_arch(weights_path, metadata)
 
@@ -438,7 +278,7 @@ def _check_fits(weights_path: Path, model: nn.Module, stored: dict[str, list[int
     saved_config = _parse_config(weights_path, metadata)
     saved_arch, arch = _parse_arch(weights_path, metadata), _arch_of(model)
     if saved_config and arch is not None and arch != saved_arch:
-        saved_class, model_class = ARCHITECTURES[saved_arch][1], type(unwrap_model(model)).__name__
+        saved_class, model_class = ARCHITECTURES[saved_arch].model_class, type(unwrap_model(model)).__name__
         raise CheckpointError(f"{weights_path} holds a {saved_arch} model ({saved_class}), not a {arch} one "
                               f"({model_class}); build the model it fits with "
                               "model_from_config(read_config(path), read_arch(path))")
@@ -487,7 +327,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 def _load_once(path: str | os.PathLike, model: nn.Module,
                optimizer: torch.optim.Optimizer | None) -> tuple[dict, Path]:
     """Check the chosen pair and load its weights into ``model``; return its state bundle and state file."""
-    weights_path, state_path = _files_to_load(path)
+    weights_path, state_path = files_to_load(path)
     stored, metadata = _read_header_of_chosen(weights_path)
     _check_fits(weights_path, model, stored, metadata)
     try:
@@ -508,7 +348,7 @@ def _load_once(path: str | os.PathLike, model: nn.Module,
     except Exception as error:
         _raise_if_gone(weights_path)
         raise CheckpointError(f"{weights_path} could not be read ({error})") from error
-    if _save_id_of_weights(weights_path) != metadata.get("save_id"):  # renamed over between header and load
+    if save_id_of_weights(weights_path) != metadata.get("save_id"):  # renamed over between header and load
         raise _ChangedWhileReading(CheckpointError(f"{weights_path} was replaced by another save while it was read"))
     return bundle, state_path
 
@@ -561,17 +401,10 @@ def _raise_if_gone(path: Path) -> None:
 def _read_header_of_chosen(weights_path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
     _raise_if_gone(weights_path)
     try:
-        return _read_header(weights_path)
+        return read_header(weights_path)
     except CheckpointError:
         _raise_if_gone(weights_path)
         raise
-
-
-def _lock_held(lock: Path) -> bool:
-    with _HELD_GUARD:
-        if str(lock.absolute()) in _HELD:
-            return True
-    return lock.exists() and not _is_stale(lock, _read_holder(lock))
 
 
 def _read_consistently(path: str | os.PathLike, read: Callable[[], Result]) -> Result:
@@ -582,7 +415,7 @@ def _read_consistently(path: str | os.PathLike, read: Callable[[], Result]) -> R
     Past ``_SAVE_WAIT_S`` of saves in a row the error names the writer.
     """
     weights_path, state_path = checkpoint_paths(path)
-    lock = _lock_path(path)
+    lock = lock_path(path)
     deadline = time.monotonic() + _SAVE_WAIT_S
     previous, attempt = None, 0
     while True:
@@ -590,28 +423,18 @@ def _read_consistently(path: str | os.PathLike, read: Callable[[], Result]) -> R
             return read()
         except _ChangedWhileReading as changed:
             attempt += 1
-            signature, writing = _files_signature(weights_path, state_path), _lock_held(lock)
+            signature, writing = files_signature(weights_path, state_path), lock_held(lock)
             if not writing and signature == previous:
                 raise changed.error from None
             if time.monotonic() > deadline:
                 if writing:  # a writer kept renaming the files: say so, rather than blame a hand-made copy
                     raise type(changed.error)(f"{changed.error}. The checkpoint changed while it was read, "
-                                              f"{attempt} times: {_locked_message(lock, _read_holder(lock))}") from None
+                                              f"{attempt} times: {locked_message(lock)}") from None
                 raise changed.error from None
             previous = signature
             time.sleep(min(0.05 * attempt, 0.5))
-            while (time.monotonic() < deadline and _lock_held(lock)
-                   and any(staged.exists() for staged in _staging_paths(weights_path))):
+            while (time.monotonic() < deadline and lock_held(lock)
+                   and any(staged.exists() for staged in staging_paths(weights_path))):
                 time.sleep(0.05)
 
 
-def _files_signature(*paths: Path) -> tuple:
-    """What identifies the files now (inode, modification time, size; None where missing): a save changes it."""
-    signature = []
-    for path in paths:
-        try:
-            stat = path.stat()
-            signature.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
-        except OSError:
-            signature.append(None)
-    return tuple(signature)

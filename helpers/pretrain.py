@@ -81,7 +81,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from helpers import runtime
@@ -97,334 +96,23 @@ from helpers.checkpoint import (
 )
 from helpers.corpus import default_cache_dir, expand_data_paths, load_token_cache, token_batch
 from helpers.data import DataError
-from helpers.model import GPT_CONFIGS, GPTConfig, GPTModel, init_gpt2_weights
-from helpers.modern import MODERN_CONFIGS, ModernConfig, ModernModel
+from helpers.distributed import DistributedProcess as _Dist
+from helpers.pretrain_config import (
+    default_hidden_dim,
+    flops_per_token,
+    keep_saved_options,
+    model_config,
+    new_model,
+    resume_changes,
+)
+from helpers.pretrain_options import PretrainError, build_parser, explicit_options, validate_args
 from helpers.train import TrainingDiverged, calc_loss_batch, learning_rate_at
 
 __all__ = ["PretrainError", "build_parser", "default_hidden_dim", "flops_per_token", "main", "run", "validate_args"]
 
 
-class PretrainError(Exception):
-    """A run cannot start or continue as asked; the message names the option or file and what to do."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line's options (``--help`` lists them with their defaults)."""
-    parser = argparse.ArgumentParser(prog="python -m helpers.pretrain", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", action="append", required=True, metavar="PATH",
-                      help="a text file, a folder of .txt files, or a helpers.data dataset name; repeatable")
-    data.add_argument("--out", required=True, type=Path, metavar="DIR", help="where weights, state and log go")
-    data.add_argument("--cache-dir", type=Path, default=None,
-                      help=f"token cache folder (default $LLM_CACHE_DIR or {default_cache_dir()})")
-    data.add_argument("--val-fraction", type=float, default=0.1, help="share of the tokens held out for validation")
-    model = parser.add_argument_group("model (an --arch and a --preset, optionally overridden by the sizes)")
-    model.add_argument("--arch", choices=["gpt2", "modern"], default=None,
-                       help="GPT-2, or the modern decoder of Part 10 (default gpt2; modern for a modern --preset; "
-                            "with --resume the saved run's)")
-    model.add_argument("--preset", choices=sorted(GPT_CONFIGS) + sorted(MODERN_CONFIGS), default=None,
-                       help="the sizes of a published model (see above)")
-    model.add_argument("--n-layers", type=int)
-    model.add_argument("--n-heads", type=int)
-    model.add_argument("--emb-dim", type=int)
-    model.add_argument("--context-length", type=int)
-    model.add_argument("--dropout", type=float)
-    model.add_argument("--tie-weights", action="store_true", help="share the token embedding with the output head")
-    model.add_argument("--init", choices=["gpt2", "pytorch"], default=None,
-                       help="initialisation of a new model (default gpt2; see above)")
-    modern = parser.add_argument_group("modern model (--arch modern; unset: derived from the sizes, see above)")
-    modern.add_argument("--n-kv-heads", type=int, help="key/value heads, dividing n_heads (default n_heads / 2)")
-    modern.add_argument("--head-dim", type=int, help="dimensions per head (default emb_dim / n_heads)")
-    modern.add_argument("--hidden-dim", type=int, help="SwiGLU's inner width (default 8/3 x emb_dim, to 64s)")
-    modern.add_argument("--rope-theta", type=float, help="RoPE's base period (default 10000)")
-    modern.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
-                        help="RMSNorm over each head's queries and keys, as Qwen3 (default on)")
-    train = parser.add_argument_group("training")
-    train.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-step")
-    train.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    train.add_argument("--max-steps", type=int, required=True, help="the step this invocation stops at")
-    train.add_argument("--lr", type=float, default=6e-4, help="peak learning rate")
-    train.add_argument("--min-lr", type=float, default=None, help="learning rate after the decay (default lr/10)")
-    train.add_argument("--warmup-steps", type=int, default=0)
-    train.add_argument("--decay-steps", type=int, default=None, help="cosine decay length; unset: constant")
-    train.add_argument("--weight-decay", type=float, default=0.1)
-    train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    train.add_argument("--seed", type=int, default=1337)
-    train.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (0: never)")
-    train.add_argument("--eval-batches", type=int, default=20)
-    train.add_argument("--log-every", type=int, default=10)
-    train.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
-    train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    system = parser.add_argument_group("system")
-    system.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    system.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="compute dtype under autocast (see above)")
-    system.add_argument("--dtype", dest="precision", choices=["float32", "bfloat16", "float16"],
-                        help=argparse.SUPPRESS)  # the former name of --precision
-    system.add_argument("--compile", action="store_true", help="torch.compile the model")
-    system.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (see above)")
-    system.add_argument("--quiet", action="store_true", help="no log lines on stdout (log.jsonl is still written)")
-    return parser
-
-
 # ---------------------------------------------------------------------------------------------
-# validation: every number is checked before any work starts
-
-
-def _finite(value: float) -> bool:
-    return math.isfinite(value)
-
-
-# option -> (what it must be, the test); None (an unset option) is always allowed
-_RULES = {
-    "batch_size": ("an integer >= 1", lambda v: v >= 1),
-    "grad_accum": ("an integer >= 1", lambda v: v >= 1),
-    "max_steps": ("an integer >= 1", lambda v: v >= 1),
-    "log_every": ("an integer >= 1", lambda v: v >= 1),
-    "eval_batches": ("an integer >= 1", lambda v: v >= 1),
-    "n_layers": ("an integer >= 1", lambda v: v >= 1),
-    "n_heads": ("an integer >= 1", lambda v: v >= 1),
-    "emb_dim": ("an integer >= 1", lambda v: v >= 1),
-    "context_length": ("an integer >= 1", lambda v: v >= 1),
-    "n_kv_heads": ("an integer >= 1", lambda v: v >= 1),
-    "head_dim": ("an even integer >= 2 (RoPE rotates pairs of dimensions)", lambda v: v >= 2 and v % 2 == 0),
-    "hidden_dim": ("an integer >= 1", lambda v: v >= 1),
-    "rope_theta": ("a finite number > 0", lambda v: _finite(v) and v > 0),
-    "decay_steps": ("an integer >= 1 (leave it out for a constant rate)", lambda v: v >= 1),
-    "warmup_steps": ("an integer >= 0", lambda v: v >= 0),
-    "eval_every": ("an integer >= 0 (0: never)", lambda v: v >= 0),
-    "save_every": ("an integer >= 0 (0: only at the end)", lambda v: v >= 0),
-    "seed": ("an integer from 0 to 2**64 - 1", lambda v: 0 <= v < 2**64),  # what torch.manual_seed takes
-    "lr": ("a finite number > 0", lambda v: _finite(v) and v > 0),
-    "min_lr": ("a finite number >= 0", lambda v: _finite(v) and v >= 0),
-    "weight_decay": ("a finite number >= 0", lambda v: _finite(v) and v >= 0),
-    "grad_clip": ("a finite number >= 0 (0: off)", lambda v: _finite(v) and v >= 0),
-    "dropout": ("a number in [0, 1)", lambda v: 0 <= v < 1),
-    "val_fraction": ("a number in [0, 1)", lambda v: 0 <= v < 1),
-    "peak_flops": ("a finite number of FLOP/s > 0", lambda v: _finite(v) and v > 0),
-}
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    """Raise ``PretrainError`` naming every option whose value is out of range (NaN, inf, negative, zero)."""
-    problems = []
-    for name, (requirement, ok) in _RULES.items():
-        value = getattr(args, name, None)
-        if value is not None and not ok(value):
-            problems.append(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
-    if not problems and args.min_lr is not None and args.min_lr > args.lr:
-        problems.append(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
-    if not problems and args.val_fraction == 0 and args.eval_every:
-        problems.append(f"--val-fraction 0 leaves no validation split, which evaluation (--eval-every "
-                        f"{args.eval_every}) needs: raise --val-fraction (e.g. 0.1), or pass --eval-every 0 to train "
-                        "without evaluation")
-    problems += _arch_problems(args)
-    if problems:
-        raise PretrainError("; ".join(problems))
-
-
-def _arch_problems(args: argparse.Namespace) -> list[str]:
-    """Options that do not fit the architecture asked for (a resumed run's is checked against its file later)."""
-    problems = []
-    if args.arch == "gpt2" and args.preset in MODERN_CONFIGS:
-        problems.append(f"--preset {args.preset} is a modern model: pass --arch modern (or leave --arch out)")
-    modern_given = [_option_text(key, value) for key, value in _given_sizes(args).items() if key in _MODERN_OPTIONS]
-    arch = _requested_arch(args)
-    if modern_given and (arch == "gpt2" or (arch is None and not getattr(args, "resume", False))):
-        problems.append(f"{', '.join(modern_given)} sets the modern model, which GPT-2 has no place for: add "
-                        "--arch modern, or leave it out")
-    return problems
-
-
-# ---------------------------------------------------------------------------------------------
-# set-up
-
-
-class _Dist:
-    """This process's place in a torchrun job (or a lone process)."""
-
-    def __init__(self, requested_device: str | None):
-        self.enabled = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device(requested_device) if requested_device else runtime.device()
-        if device.type == "cuda" and self.enabled:
-            device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(device)
-        self.device = device
-        if self.enabled:
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-            if device.type == "cpu":  # processes on one machine share its cores
-                local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.enabled:
-            dist.barrier()
-
-    def all_mean(self, value: float) -> float:
-        if not self.enabled:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.item() / self.world
-
-    def any(self, flag: bool) -> bool:
-        if not self.enabled:
-            return flag
-        tensor = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(tensor)
-        return bool(tensor.item())
-
-    def close(self):
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------
-# the model: its config (new or saved), optimizer and FLOPs
-
-
-# config field -> option: the sizes of either architecture, then the modern model's own
-_SIZE_OPTIONS = {"n_layers": "n-layers", "n_heads": "n-heads", "emb_dim": "emb-dim",
-                 "context_length": "context-length", "drop_rate": "dropout"}
-_MODERN_OPTIONS = {"n_kv_heads": "n-kv-heads", "head_dim": "head-dim", "hidden_dim": "hidden-dim",
-                   "rope_theta": "rope-theta", "qk_norm": "qk-norm"}
-_DEFAULT_SIZES = GPTConfig(emb_dim=256, n_heads=4, n_layers=4, context_length=256, drop_rate=0.0)
-_MODERN_ROPE_THETA = 10_000.0
-_GPT2_PRESET_KEYS = ("vocab_size", "n_layers", "n_heads", "emb_dim", "context_length")
-
-
-def _given_sizes(args) -> dict:
-    sizes = {"n_layers": args.n_layers, "n_heads": args.n_heads, "emb_dim": args.emb_dim,
-             "context_length": args.context_length, "drop_rate": args.dropout,
-             **{key: getattr(args, key, None) for key in _MODERN_OPTIONS}}
-    return {key: value for key, value in sizes.items() if value is not None}
-
-
-def _option_text(key: str, value) -> str:
-    """How the option that sets config field ``key`` to ``value`` is written: ``--emb-dim 64``, ``--no-qk-norm``."""
-    if isinstance(value, bool):
-        return f"--{'' if value else 'no-'}{_MODERN_OPTIONS[key]}"
-    return f"--{({**_SIZE_OPTIONS, **_MODERN_OPTIONS})[key]} {value}"
-
-
-def _requested_arch(args) -> str | None:
-    """The architecture the command line asks for: ``--arch``, else a modern ``--preset``'s; None if neither says."""
-    if args.arch is not None:
-        return args.arch
-    return "modern" if args.preset in MODERN_CONFIGS else None
-
-
-def _preset_values(preset: str) -> dict:
-    """The config fields a ``--preset`` sets: a GPT-2's sizes, or all of a modern model's but its vocabulary."""
-    if preset in MODERN_CONFIGS:
-        values = MODERN_CONFIGS[preset].to_dict()
-        del values["vocab_size"], values["drop_rate"], values["tie_weights"]  # the data's tokenizer; flags decide
-        return values
-    return {key: getattr(GPT_CONFIGS[preset], key) for key in _GPT2_PRESET_KEYS}
-
-
-def _resume_clashes(args, saved: GPTConfig | ModernConfig, saved_arch: str) -> list[str]:
-    """The options that ``--resume`` would ignore because the saved model decides them."""
-    requested = _requested_arch(args)
-    if requested is not None and requested != saved_arch:
-        asked = f"--arch {args.arch}" if args.arch else f"--preset {args.preset} (a {requested} model)"
-        return [f"{asked} (saved: {saved_arch})"]
-    saved_values, given = saved.to_dict(), _given_sizes(args)
-    clashes = [f"{_option_text(k, v)} (saved: " + (f"{saved_values[k]})" if k in saved_values else
-                                                   f"a {saved_arch} model, which has no {k})")
-               for k, v in given.items() if saved_values.get(k, object()) != v]
-    if args.preset:
-        clashes += [f"--preset {args.preset} sets {k} {v} (saved: {saved_values.get(k)})"
-                    for k, v in _preset_values(args.preset).items() if k not in given and saved_values.get(k) != v]
-    if args.tie_weights and not saved.tie_weights:
-        clashes.append("--tie-weights (saved: untied)")
-    if args.init is not None:
-        clashes.append(f"--init {args.init} (a resumed model keeps its trained weights)")
-    return clashes
-
-
-# options a resumed run applies in place of the saved ones (the log says which changed), and those it refuses
-_HONOURED_ON_RESUME = ("data", "lr", "min_lr", "warmup_steps", "decay_steps", "weight_decay", "grad_clip",
-                       "batch_size", "grad_accum", "seed", "precision")
-_REFUSED_ON_RESUME = {"val_fraction": "the validation split would no longer be the tokens held out so far"}
-
-
-def _keep_saved_options(args, saved_args: dict) -> None:
-    """Give the honoured options this command line left out their saved values, so a bare ``--resume`` continues
-    the run as it was (``args.explicit``, set by ``main``, names the options given; without it all count as given)."""
-    explicit = getattr(args, "explicit", None)
-    if explicit is None:
-        return
-    for name in _HONOURED_ON_RESUME:
-        if name not in explicit and name in saved_args:
-            setattr(args, name, saved_args[name])
-
-
-def _resume_changes(saved_args: dict, args) -> str:
-    """The honoured options that differ from the saved run's (``"weight_decay 0.1 -> 0.5"``); refuse the others."""
-    def differs(name: str) -> bool:
-        return name in saved_args and saved_args[name] != getattr(args, name)
-
-    refused = [f"--{name.replace('_', '-')} {getattr(args, name)} (saved: {saved_args[name]}; {why})"
-               for name, why in _REFUSED_ON_RESUME.items() if differs(name)]
-    if refused:
-        raise PretrainError(f"--resume cannot honour {', '.join(refused)}; leave it out to continue, "
-                            "or start a new run in another --out")
-    return ", ".join(f"{name} {saved_args[name]} -> {getattr(args, name)}" for name in _HONOURED_ON_RESUME
-                     if differs(name))
-
-
-def _model_config(args, saved: dict | None, saved_arch: str | None = None) -> tuple[str, GPTConfig | ModernConfig]:
-    """The architecture and config of a new model (preset, then the sizes given), or the saved ones when resuming."""
-    if saved is not None:
-        config = (ModernConfig if saved_arch == "modern" else GPTConfig).from_dict(saved)
-        clashes = _resume_clashes(args, config, saved_arch or "gpt2")
-        if clashes:
-            raise PretrainError(f"--resume continues the saved model, but these options differ: {', '.join(clashes)}; "
-                                "leave them out to continue, or start a new run in another --out")
-        return saved_arch or "gpt2", config
-    if (_requested_arch(args) or "gpt2") == "modern":
-        return "modern", _modern_config(args)
-    base = GPT_CONFIGS[args.preset] if args.preset else _DEFAULT_SIZES
-    values = {**base.to_dict(), **_given_sizes(args)}
-    if args.tie_weights:
-        values["tie_weights"] = True
-    return "gpt2", GPTConfig(**values)
-
-
-def _modern_config(args) -> ModernConfig:
-    """A new modern model's config: a modern preset's sizes, or GPT-2's (preset or default) with derived extras."""
-    if args.preset in MODERN_CONFIGS:
-        values = {**MODERN_CONFIGS[args.preset].to_dict(), "vocab_size": _DEFAULT_SIZES.vocab_size,
-                  "drop_rate": _DEFAULT_SIZES.drop_rate, **_given_sizes(args)}
-    else:
-        base = GPT_CONFIGS[args.preset] if args.preset else _DEFAULT_SIZES
-        values = {key: getattr(base, key) for key in (*_GPT2_PRESET_KEYS, "drop_rate")} | _given_sizes(args)
-        values.setdefault("head_dim", values["emb_dim"] // values["n_heads"])
-        values.setdefault("n_kv_heads", values["n_heads"] // 2 if values["n_heads"] % 2 == 0 else values["n_heads"])
-        values.setdefault("hidden_dim", default_hidden_dim(values["emb_dim"]))
-        values.setdefault("rope_theta", _MODERN_ROPE_THETA)
-        values.setdefault("qk_norm", True)
-        values["tie_weights"] = False
-    if args.tie_weights:
-        values["tie_weights"] = True
-    return ModernConfig(**values)
-
-
-def default_hidden_dim(emb_dim: int) -> int:
-    """SwiGLU's inner width for a width of ``emb_dim``: 8/3 x emb_dim to the nearest multiple of 64 (at least 64).
-
-    Its three matrices then hold about as many weights as GPT-2's feed-forward (two of 4 x emb_dim).
-    """
-    return max(64, 64 * round(8 * emb_dim / 3 / 64))
+# the optimizer
 
 
 def _optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
@@ -434,20 +122,6 @@ def _optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Opti
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     extra = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, **extra)
-
-
-def flops_per_token(cfg: GPTConfig | ModernConfig) -> float:
-    """Training FLOPs per token (forward and backward) of a ``GPTModel`` or ``ModernModel``; see the module doc."""
-    if isinstance(cfg, ModernConfig):
-        attention_width = cfg.n_heads * cfg.head_dim
-        per_block = (2 * cfg.emb_dim * attention_width  # queries and output projection
-                     + 2 * cfg.emb_dim * cfg.n_kv_heads * cfg.head_dim  # keys and values (grouped)
-                     + 3 * cfg.emb_dim * cfg.hidden_dim)  # SwiGLU: gate, up and down
-    else:
-        attention_width = cfg.emb_dim
-        per_block = 4 * cfg.emb_dim * cfg.emb_dim + 8 * cfg.emb_dim * cfg.emb_dim  # attention projections + MLP
-    matmul_weights = cfg.n_layers * per_block + cfg.vocab_size * cfg.emb_dim
-    return 6 * matmul_weights + 12 * cfg.n_layers * attention_width * cfg.context_length
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,7 +154,7 @@ class _Run:
 
     args: argparse.Namespace
     env: _Dist
-    cfg: GPTConfig | ModernConfig
+    cfg: object  # a GPTConfig or ModernConfig (helpers.architectures)
     model: nn.Module
     optimizer: torch.optim.Optimizer
     step: int = 0
@@ -544,18 +218,18 @@ def _build_model(args, env: _Dist) -> _Run:
     if args.resume and saved is None:
         raise PretrainError(f"{checkpoint_paths(args.out)[0]} has no model config in its metadata; "
                             "it was not written by this command")
-    args.arch, cfg = _model_config(args, saved, read_arch(args.out) if args.resume else None)
+    args.arch, cfg = model_config(args, saved, read_arch(args.out) if args.resume else None)
     torch.manual_seed(args.seed)
-    model = _new_model(args.arch, cfg, None if args.resume else args.init or "gpt2")
+    model = new_model(args.arch, cfg, None if args.resume else args.init or "gpt2")
     model.to(env.device)
     run = _Run(args, env, cfg, model, _optimizer(model, args, env.device))
     if args.resume:
         state = load_checkpoint(args.out, model, run.optimizer)
-        _keep_saved_options(args, state.get("args") or {})
+        keep_saved_options(args, state.get("args") or {})
         for group, wanted in zip(run.optimizer.param_groups, _optimizer(model, args, env.device).param_groups):
             # loading restored the saved settings (weight decay...): this run's options win
             group.update({key: value for key, value in wanted.items() if key != "params"})
-        run.resume_changes = _resume_changes(state.get("args") or {}, args)
+        run.resume_changes = resume_changes(state.get("args") or {}, args)
         run.step, run.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         if args.max_steps <= run.step:
             raise PretrainError(f"--max-steps {args.max_steps} is not beyond the saved step {run.step}; "
@@ -564,23 +238,6 @@ def _build_model(args, env: _Dist) -> _Run:
             _trim_log(args.out / "log.jsonl", run.step)
     run.forward_model = _wrap(model, env, args.compile)
     return run
-
-
-def _new_model(arch: str, cfg: GPTConfig | ModernConfig, init: str | None) -> nn.Module:
-    """A model of ``arch`` initialised as ``init`` says (``"gpt2"``, ``"pytorch"``; None: a resumed model's weights
-    are about to be loaded, so any initialisation will do)."""
-    if arch == "gpt2":
-        model = GPTModel(cfg)
-        if init == "gpt2":
-            init_gpt2_weights(model)
-        return model
-    model = ModernModel(cfg)  # starts with init_modern_weights: GPT-2's scheme
-    if init == "pytorch":
-        for module in model.modules():  # each layer's own default; a tied head keeps the embedding's draw
-            if isinstance(module, (nn.Linear, nn.Embedding)) and not (
-                    module is model.out_head and model.out_head.weight is model.tok_emb.weight):
-                module.reset_parameters()
-    return model
 
 
 def _wrap(model: nn.Module, env: _Dist, compile_model: bool) -> nn.Module:
@@ -831,14 +488,6 @@ def _train(run: _Run) -> bool:
     return False
 
 
-def _explicit_options(argv: list[str] | None) -> frozenset[str]:
-    """The destinations of the options given on the command line (parsed again with every default suppressed)."""
-    probe = build_parser()
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    return frozenset(vars(probe.parse_args(argv)))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: run, and turn a failure into one line on stderr and an exit status.
 
@@ -846,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.explicit = _explicit_options(argv)
+    args.explicit = explicit_options(argv)
     try:
         return run(args)
     except TrainingDiverged as error:
