@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from helpers.data import fetch
-from helpers.model import GPTModel
+from helpers.model import is_decoder
 from helpers.runtime import check_count, eval_mode, unwrap_model
 from helpers.tokenizers import encode_user_text
 from helpers.train import TrainingDiverged
@@ -214,15 +214,18 @@ def count_trainable_parameters(model: nn.Module) -> int:
 
 
 def prepare_for_classification(model: nn.Module, num_classes: int = 2, trainable_blocks: int | None = 1) -> nn.Module:
-    """Give ``model`` (a GPTModel) a ``num_classes``-way output head and freeze what should not train; return it.
+    """Give ``model`` a ``num_classes``-way output head and freeze what should not train; return it.
+
+    ``model`` is a decoder of ``helpers.model``'s protocol: a ``GPTModel`` or a ``ModernModel``.
 
     The new head is ``nn.Linear(emb_dim, num_classes)`` (a head tied to the embedding is untied by
     the replacement). Everything is frozen except the last ``trainable_blocks`` transformer blocks,
     the final LayerNorm and the head; ``trainable_blocks=None`` trains everything. Changed in place.
     """
     core = unwrap_model(model)
-    if not isinstance(core, GPTModel):
-        raise TypeError(f"prepare_for_classification expects a GPTModel, got {type(core).__name__}")
+    if not is_decoder(core):
+        raise TypeError(f"prepare_for_classification expects a GPTModel or ModernModel (helpers.model's decoder "
+                        f"protocol), got {type(core).__name__}")
     check_count("num_classes", num_classes, minimum=2)
     check_count("trainable_blocks", trainable_blocks, minimum=0, allow_none=True)
     n_layers = len(core.blocks)

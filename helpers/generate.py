@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from helpers.model import GPTModel, KVCache
+from helpers.model import KVCache, is_decoder
 from helpers.runtime import check_count
 from helpers.tokenizers import encode_with_endoftext
 
@@ -167,8 +167,8 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     token: greedy answers are those ``generate`` gives each prompt alone. Each list holds up to
     ``max_new_tokens`` ids, ending at the first ``eos_id`` (included) where one was produced; a
     finished row leaves the batch, and the loop ends when every row has finished. The other
-    arguments are ``generate``'s. A model other than ``GPTModel`` (which takes no attention mask)
-    answers the prompts one at a time, with the same results.
+    arguments are ``generate``'s. A model without the decoder protocol of ``helpers.model`` (an
+    attention mask to hide padding behind) answers the prompts one at a time, with the same results.
     """
     _check_sampling(temperature, top_k, top_p)
     check_count("max_new_tokens", max_new_tokens, minimum=0)
@@ -179,17 +179,18 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_t
         return []
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, context_size=context_size,
                    eos_id=eos_id, use_cache=use_cache, generator=generator)
-    if not isinstance(model, GPTModel):  # no attention mask to hide padding behind: one prompt at a time
+    if not is_decoder(model):  # no attention mask to hide padding behind: one prompt at a time
         device = _model_device(model)
         return [_until_eos(generate(model, torch.tensor([ids], device=device), max_new_tokens, **options)
                            [0, len(ids):].tolist(), eos_id) for ids in prompts]
     return _generate_padded(model, prompts, max_new_tokens, pad_id, **options)
 
 
-def _generate_padded(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, *,
+def _generate_padded(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, *,
                      temperature: float, top_k: int | None, top_p: float | None, context_size: int,
                      eos_id: int | None, use_cache: bool, generator: torch.Generator | None) -> list[list[int]]:
-    """``generate_batch``'s loop for a ``GPTModel``: left-pad, then one batched step per new token."""
+    """``generate_batch``'s loop for a decoder (``GPTModel``, ``ModernModel``): left-pad, then one batched step per
+    new token."""
     idx, mask = _left_pad(prompts, pad_id, _model_device(model))  # (batch, width) each
     width = idx.shape[1]
     rows = list(range(len(prompts)))  # the prompt each row of idx answers (rows leave as they finish)
@@ -296,8 +297,8 @@ def next_token_logits(model: nn.Module, idx: torch.Tensor, cache: KVCache | None
     Without ``use_cache`` the model sees the last ``context_size`` tokens. With it (see ``has_kv_cache``),
     an empty or full cache is (re)filled from that window, since absolute positions shift with the
     window; otherwise only the newest token goes through the model, reusing the cached keys and values.
-    ``attention_mask`` (``GPTModel`` only) marks left padding in ``idx``, as ``GPTModel.forward`` takes
-    it; the cache carries it, so the single newest token needs none.
+    ``attention_mask`` (a decoder's: ``GPTModel``, ``ModernModel``) marks left padding in ``idx``, as their
+    ``forward`` takes it; the cache carries it, so the single newest token needs none.
     """
     window_mask = None if attention_mask is None else attention_mask[:, -context_size:]
     if not use_cache:
@@ -312,11 +313,12 @@ def _last_logits(model: nn.Module, idx: torch.Tensor, cache: KVCache | None,
                  attention_mask: torch.Tensor | None) -> torch.Tensor:
     """The logits ``(batch, vocab_size)`` at the last position of ``idx``.
 
-    A ``GPTModel`` applies its output head to that position only: the head is the largest matrix
-    of a small model (vocab_size outputs per position), and a prompt's other positions need none.
+    A decoder (``helpers.model.is_decoder``) applies its output head to that position only: the head
+    is the largest matrix of a small model (vocab_size outputs per position), and a prompt's other
+    positions need none.
     """
-    if not isinstance(model, GPTModel):
-        if cache is not None:  # another model with a KV cache (helpers.modern.ModernModel)
+    if not is_decoder(model):
+        if cache is not None:  # another model with a KV cache
             return model(idx, cache)[:, -1, :]
         masks = {} if attention_mask is None else {"attention_mask": attention_mask}
         return model(idx, **masks)[:, -1, :]

@@ -13,7 +13,8 @@ import os
 import random
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,12 +29,14 @@ from helpers.tokenizers import encode_user_text
 
 __all__ = [
     "CONSTANT_ANSWER",
+    "ALPACA",
     "END_OF_TEXT",
     "PROMPT_PREAMBLE",
     "RESPONSE_HEADER",
     "InstructionDataError",
     "InstructionDataset",
     "JudgeUnavailable",
+    "PromptFormat",
     "baseline_scores",
     "collate_instructions",
     "constant_baseline",
@@ -115,6 +118,59 @@ def format_training_text(entry: dict) -> str:
     return format_input(entry) + RESPONSE_HEADER + entry["output"]
 
 
+def special_token_id(tokenizer, token: str) -> int:
+    """The id of special token ``token`` (``"<|endoftext|>"``, ``"<|im_end|>"``) in ``tokenizer``; ValueError if it has
+    none (tiktoken's encodings and ``BPETokenizer`` both take ``allowed_special``)."""
+    try:
+        ids = tokenizer.encode(token, allowed_special={token})
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"the tokenizer has no special token {token!r} ({error}); pass its id explicitly") from error
+    if len(ids) != 1:
+        raise ValueError(f"the tokenizer has no special token {token!r} (it encodes it as {len(ids)} ids); "
+                         "pass its id explicitly")
+    return ids[0]
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How an instruction record becomes the model's prompt, and which token ends its answer.
+
+    ``instruction_ids(entry, tokenizer)`` encodes what is asked (Alpaca: ``format_input(entry)``; a
+    chat template: the turns up to the user's), ``header_ids(tokenizer)`` what opens the answer
+    (``RESPONSE_HEADER``; a chat template's assistant turn), and ``end_token`` is the special token
+    that closes an answer, which the model learns to write and generation stops at. ``joint_ids``,
+    when given, encodes instruction and header in one piece (for a byte-level BPE the two can merge
+    across the seam; Part 09's instruction data is encoded that way). ``ALPACA`` is the book's format;
+    Part 11 adds a chat template's (``helpers.smollm2.CHATML``).
+    """
+
+    name: str
+    instruction_ids: Callable[[dict, object], list[int]]
+    header_ids: Callable[[object], list[int]]
+    end_token: str
+    joint_ids: Callable[[dict, object], list[int]] | None = None
+
+    def prompt_ids(self, entry: dict, tokenizer) -> list[int]:
+        """The ids the model is given to answer ``entry``: the instruction, then the header."""
+        if self.joint_ids is not None:
+            return self.joint_ids(entry, tokenizer)
+        return self.instruction_ids(entry, tokenizer) + self.header_ids(tokenizer)
+
+    def end_id(self, tokenizer) -> int:
+        """The id of ``end_token`` in ``tokenizer``."""
+        return special_token_id(tokenizer, self.end_token)
+
+
+ALPACA = PromptFormat(
+    "alpaca",
+    instruction_ids=lambda entry, tokenizer: encode_user_text(tokenizer, format_input(entry)),
+    header_ids=lambda tokenizer: encode_user_text(tokenizer, RESPONSE_HEADER),
+    end_token=END_OF_TEXT,
+    joint_ids=lambda entry, tokenizer: encode_user_text(tokenizer, format_input(entry) + RESPONSE_HEADER),
+)
+"""The book's Alpaca-style prompt (``format_input`` + ``RESPONSE_HEADER``), answers ending at ``<|endoftext|>``."""
+
+
 def extract_response(generated_text: str, prompt: str | None = None) -> str:
     """Return the answer in ``generated_text``: what follows ``prompt`` and the ``### Response:`` header, stripped.
 
@@ -147,15 +203,19 @@ class InstructionDataset(Dataset):
     this data gives the same ids as encoding the whole text at once. Record text is encoded as ordinary
     text (``encode_user_text``): an ``<|endoftext|>`` in it is characters, not the end-of-text id. A
     record that is not a dict of strings raises ``InstructionDataError`` naming its index.
+    ``prompt_format`` (default ``ALPACA``) says how a record becomes a prompt: a chat template's
+    (``PromptFormat``) makes the prompt its turns; collate then with ``pad_token_id`` its end token's id.
     """
 
-    def __init__(self, data: Sequence[dict], tokenizer, return_prompt_length: bool = False):
+    def __init__(self, data: Sequence[dict], tokenizer, return_prompt_length: bool = False, *,
+                 prompt_format: PromptFormat = ALPACA):
         self.return_prompt_length = return_prompt_length
+        self.prompt_format = prompt_format
         self.encoded: list[list[int]] = []
         self.prompt_lengths: list[int] = []
         for index, entry in enumerate(data):
             entry = _check_record(index, entry)
-            prompt_ids = encode_user_text(tokenizer, format_input(entry) + RESPONSE_HEADER)
+            prompt_ids = prompt_format.prompt_ids(entry, tokenizer)
             self.encoded.append(prompt_ids + encode_user_text(tokenizer, entry["output"]))
             self.prompt_lengths.append(len(prompt_ids))
 
@@ -228,9 +288,8 @@ def collate_instructions(batch: Sequence, pad_token_id: int = 50256, ignore_inde
 # answering
 
 
-def _prompt_ids(entries: Sequence[dict], tokenizer) -> list[list[int]]:
-    return [encode_user_text(tokenizer, format_input(_check_record(i, e)) + RESPONSE_HEADER)
-            for i, e in enumerate(entries)]
+def _prompt_ids(entries: Sequence[dict], tokenizer, prompt_format: PromptFormat) -> list[list[int]]:
+    return [prompt_format.prompt_ids(_check_record(i, e), tokenizer) for i, e in enumerate(entries)]
 
 
 def _warn_if_cropped(prompts: Sequence[list[int]], context_size: int | None) -> None:
@@ -257,12 +316,16 @@ def _answer_ids(row: list[int], eos_id: int) -> list[int]:
 
 def generate_responses(model: nn.Module, tokenizer, entries: Sequence[dict], max_new_tokens: int = 256,
                        out_path: str | os.PathLike | None = None, batch_size: int = 8, *,
-                       eos_id: int = 50256, context_size: int | None = None, progress: bool = True,
-                       device: torch.device | str | None = None) -> list[dict]:
+                       eos_id: int | None = None, context_size: int | None = None, progress: bool = True,
+                       device: torch.device | str | None = None, prompt_format: PromptFormat = ALPACA,
+                       pad_id: int = 0) -> list[dict]:
     """Answer every entry greedily with the KV cache; return copies of the entries with ``model_response``.
 
-    The model is given ``format_input(entry)`` and the response header, generates until ``eos_id`` or
-    ``max_new_tokens``, and the answer is the decoded new tokens, stripped. Entries are answered
+    The model is given the entry's prompt (``prompt_format``: by default ``format_input(entry)`` and
+    the response header), generates until ``eos_id`` (default: the format's end token in
+    ``tokenizer``, ``<|endoftext|>`` = 50256 for GPT-2's) or ``max_new_tokens``, and the answer is the
+    decoded new tokens before it, stripped. ``pad_id`` fills the left padding (any id in the
+    vocabulary will do: the mask hides it). Entries are answered
     ``batch_size`` at a time, in order of prompt length (so a batch needs little padding), by
     ``helpers.generate.generate_batch``, which left-pads each batch and masks the padding: the answers
     are the ones generated one at a time. ``device`` is ignored (the model's own is used; kept for
@@ -275,13 +338,15 @@ def generate_responses(model: nn.Module, tokenizer, entries: Sequence[dict], max
     """
     check_count("batch_size", batch_size)
     check_count("max_new_tokens", max_new_tokens, minimum=0)
-    prompts = _prompt_ids(entries, tokenizer)
+    if eos_id is None:
+        eos_id = prompt_format.end_id(tokenizer)
+    prompts = _prompt_ids(entries, tokenizer, prompt_format)
     _warn_if_cropped(prompts, context_size or getattr(getattr(model, "cfg", None), "context_length", None))
     answers: list[str] = [""] * len(entries)
     with eval_mode(model), tqdm(total=len(entries), desc="answering", unit="entry", disable=not progress) as bar:
         for group in _length_sorted_batches([len(ids) for ids in prompts], batch_size):
-            # pad id 0: any in-vocabulary id will do, the mask hides it (eos_id may lie outside a small vocabulary)
-            rows = generate_batch(model, [prompts[i] for i in group], max_new_tokens, pad_id=0, eos_id=eos_id,
+            # pad id 0 by default: eos_id may lie outside a small vocabulary
+            rows = generate_batch(model, [prompts[i] for i in group], max_new_tokens, pad_id=pad_id, eos_id=eos_id,
                                   context_size=context_size)
             for row, i in zip(rows, group):
                 answers[i] = tokenizer.decode(_answer_ids(row, eos_id)).strip()

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from helpers.model import GPTModel
+from helpers.model import is_decoder
 from helpers.runtime import check_count, unwrap_model
 
 __all__ = ["LoRALinear", "apply_lora", "merge_lora"]
@@ -102,7 +102,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     The merged model computes the same outputs (up to float rounding) without the adapters' extra
     matrix products. Each merged weight is a new tensor, so a weight the layer shared (a head tied
-    to the embedding) is not changed for its other user; a GPTModel whose head was tied gets a
+    to the embedding) is not changed for its other user; a decoder whose head was tied gets a
     config with ``tie_weights=False``, so that saving it keeps the merged head.
     """
     wrapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
@@ -119,11 +119,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def _untie_config(model: nn.Module) -> None:
-    """Make a GPTModel's config say ``tie_weights=False`` once its head no longer is the embedding.
+    """Make a decoder's config say ``tie_weights=False`` once its head no longer is the embedding.
 
     Savers and loaders read the config, not the tensors: a config still saying "tied" would make them
     write (or restore) the embedding as the head and drop the merged update.
     """
     core = unwrap_model(model)
-    if isinstance(core, GPTModel) and core.cfg.tie_weights and core.out_head.weight is not core.tok_emb.weight:
+    if is_decoder(core) and core.cfg.tie_weights and core.out_head.weight is not core.tok_emb.weight:
         core.cfg = dataclasses.replace(core.cfg, tie_weights=False)

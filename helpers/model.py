@@ -1,4 +1,23 @@
-"""The GPT-2 architecture of Part 06: configuration, transformer block, GPTModel, KV cache."""
+"""The GPT-2 architecture of Part 06: configuration, transformer block, GPTModel, KV cache.
+
+The decoder protocol. Everything after Part 06 (generation, classification, LoRA, instruction
+finetuning, DPO, the chat command, checkpoints) uses a model only through what ``GPTModel`` and
+Part 10's ``ModernModel`` both offer, so either architecture goes through it:
+
+- ``forward(in_idx, kv_cache=None, *, return_hidden=False, attention_mask=None)``: logits
+  ``(batch, n_tokens, vocab_size)`` for token ids ``(batch, n_tokens)``, or the final normalised
+  hidden states with ``return_hidden=True``; ``attention_mask`` (1 real, 0 padding) lets
+  left-padded rows share a batch, each row's positions counting from its first real token
+  (``left_padding``), so a row's logits are those it gets alone; ``kv_cache`` holds the tokens
+  seen so far, and ``in_idx`` then only the new ones;
+- ``new_kv_cache()``: an empty ``KVCache`` for that model;
+- ``tok_emb`` (the token embedding), ``final_norm`` (the last normalisation), ``out_head`` (an
+  ``nn.Linear`` from ``cfg.emb_dim`` to the vocabulary or to the classes);
+- ``cfg``: a frozen config dataclass with ``vocab_size``, ``context_length``, ``emb_dim``,
+  ``n_layers`` and ``tie_weights``, and ``blocks``, the ``nn.ModuleList`` of its blocks.
+
+``is_decoder(model)`` says whether a model offers it.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +30,10 @@ import torch
 from torch import nn
 
 from helpers.attention import LayerKVCache, MultiHeadAttention, padding_causal_mask
+from helpers.runtime import unwrap_model
 
 __all__ = ["GPT_CONFIGS", "FeedForward", "GPTConfig", "GPTModel", "KVCache", "TransformerBlock", "count_parameters",
-           "init_gpt2_weights"]
+           "init_gpt2_weights", "is_decoder", "left_padding"]
 
 
 class ConfigDict:
@@ -194,7 +214,7 @@ class GPTModel(nn.Module):
         if attention_mask is None and (kv_cache is None or kv_cache.key_mask is None):  # no padding anywhere
             positions, attn_mask = torch.arange(start, start + n_tokens, device=in_idx.device), None
         else:
-            positions, attn_mask = self._padding(in_idx, attention_mask, kv_cache, start)
+            positions, attn_mask = left_padding(in_idx, attention_mask, kv_cache, start)
         x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (batch, n_tokens, emb_dim)
         x = self.drop_emb(x)
         for index, block in enumerate(self.blocks):
@@ -204,31 +224,39 @@ class GPTModel(nn.Module):
             return x
         return self.out_head(x)  # (batch, n_tokens, vocab_size)
 
-    @staticmethod
-    def _padding(in_idx: torch.Tensor, attention_mask: torch.Tensor | None, kv_cache: KVCache | None,
-                 start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row positions ``(batch, n_tokens)`` and the attention mask for a batch with padding.
 
-        Records the new tokens' mask in ``kv_cache``, which carries it to the next call.
-        """
-        batch, n_tokens = in_idx.shape
-        if attention_mask is None:
-            new_mask = torch.ones(batch, n_tokens, dtype=torch.bool, device=in_idx.device)
-        elif attention_mask.shape != in_idx.shape or attention_mask.is_floating_point():
-            raise ValueError(f"attention_mask must be (batch, n_tokens) = {tuple(in_idx.shape)} of 1 (token) and "
-                             f"0 (padding), like in_idx; got shape {tuple(attention_mask.shape)}, "
-                             f"dtype {attention_mask.dtype}")
-        else:
-            new_mask = attention_mask.to(device=in_idx.device) != 0
-        cached = kv_cache.key_mask if kv_cache is not None else None
-        if cached is None:  # whatever is cached so far had no padding
-            cached = torch.ones(batch, start, dtype=torch.bool, device=in_idx.device)
-        key_mask = torch.cat([cached, new_mask], dim=1)  # (batch, start + n_tokens)
-        if kv_cache is not None:
-            kv_cache.key_mask = key_mask
-        # position p for a row's p+1-th real token; padding (before the first) gets 0, never looked at
-        positions = (key_mask.cumsum(dim=1) - 1).clamp(min=0)[:, start:]  # (batch, n_tokens)
-        return positions, padding_causal_mask(key_mask, n_tokens)
+def left_padding(in_idx: torch.Tensor, attention_mask: torch.Tensor | None, kv_cache: KVCache | None,
+                 start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row positions ``(batch, n_tokens)`` and the attention mask for a batch with padding.
+
+    ``start`` is the number of cached positions. Records the new tokens' mask in ``kv_cache``, which
+    carries it to the next call. Both models of the decoder protocol (above) call it.
+    """
+    batch, n_tokens = in_idx.shape
+    if attention_mask is None:
+        new_mask = torch.ones(batch, n_tokens, dtype=torch.bool, device=in_idx.device)
+    elif attention_mask.shape != in_idx.shape or attention_mask.is_floating_point():
+        raise ValueError(f"attention_mask must be (batch, n_tokens) = {tuple(in_idx.shape)} of 1 (token) and "
+                         f"0 (padding), like in_idx; got shape {tuple(attention_mask.shape)}, "
+                         f"dtype {attention_mask.dtype}")
+    else:
+        new_mask = attention_mask.to(device=in_idx.device) != 0
+    cached = kv_cache.key_mask if kv_cache is not None else None
+    if cached is None:  # whatever is cached so far had no padding
+        cached = torch.ones(batch, start, dtype=torch.bool, device=in_idx.device)
+    key_mask = torch.cat([cached, new_mask], dim=1)  # (batch, start + n_tokens)
+    if kv_cache is not None:
+        kv_cache.key_mask = key_mask
+    # position p for a row's p+1-th real token; padding (before the first) gets 0, never looked at
+    positions = (key_mask.cumsum(dim=1) - 1).clamp(min=0)[:, start:]  # (batch, n_tokens)
+    return positions, padding_causal_mask(key_mask, n_tokens)
+
+
+def is_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` (unwrapped from DDP / ``torch.compile``) offers the decoder protocol of this module's doc."""
+    core = unwrap_model(model)
+    return (callable(getattr(core, "new_kv_cache", None)) and hasattr(core, "cfg")
+            and all(isinstance(getattr(core, name, None), nn.Module) for name in ("tok_emb", "final_norm", "out_head")))
 
 
 @torch.no_grad()

@@ -2,8 +2,10 @@
 
 ``ModernModel`` is the decoder that Llama 3 and Qwen3 share: no position-embedding table (the
 queries and keys are rotated by their position instead), RMSNorm in place of LayerNorm, a gated
-SwiGLU feed-forward, and fewer key/value heads than query heads. It keeps ``GPTModel``'s contract:
-``forward(idx) -> logits``, a KV cache (``new_kv_cache``), and it trains with ``helpers.train``.
+SwiGLU feed-forward, and fewer key/value heads than query heads. It offers the decoder protocol of
+``helpers.model`` (stated there once, for both models): ``forward`` with a KV cache and an attention
+mask for left-padded batches, ``new_kv_cache``, ``tok_emb``, ``final_norm``, ``out_head``, ``cfg``,
+so it trains with ``helpers.train`` and finetunes with everything of Part 09.
 Loading Qwen3 and Llama checkpoints is ``helpers.modern_weights``' job (``load_qwen3``, ``load_llama``,
 also importable from here).
 """
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers.attention import LayerKVCache
-from helpers.model import ConfigDict, KVCache
+from helpers.model import ConfigDict, KVCache, left_padding
 
 __all__ = ["MODERN_CONFIGS", "ROPE_TYPES", "GroupedQueryAttention", "GrowingLayerKVCache", "ModernBlock",
            "ModernConfig", "ModernKVCache", "ModernModel", "RMSNorm", "RopeScaling", "RotaryEmbedding", "SwiGLU",
@@ -201,9 +203,10 @@ class RotaryEmbedding(nn.Module):
         self.scaling = cfg.rope_scaling
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(n_tokens,)`` positions -> ``cos`` and ``sin``, each ``(n_tokens, head_dim)`` float32."""
+        """Positions ``(n_tokens,)`` (or ``(batch, n_tokens)``, one row each) -> ``cos`` and ``sin``, each of
+        shape ``positions.shape + (head_dim,)``, float32."""
         frequencies = rope_frequencies(self.head_dim, self.theta, self.scaling, positions.device)
-        angles = positions.float()[:, None] * frequencies[None, :]  # (n_tokens, head_dim / 2)
+        angles = positions.float()[..., None] * frequencies  # (..., n_tokens, head_dim / 2)
         angles = torch.cat([angles, angles], dim=-1)  # (n_tokens, head_dim): both halves of a pair share one angle
         return angles.cos(), angles.sin()
 
@@ -212,16 +215,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate ``x`` ``(batch, heads, n_tokens, head_dim)`` by the angles of ``cos``, ``sin`` ``(n_tokens, head_dim)``.
 
     Dimension ``i`` is paired with ``i + head_dim / 2`` (the "rotate half" layout of Hugging Face
-    checkpoints): ``(a, b) -> (a cos - b sin, b cos + a sin)``.
+    checkpoints): ``(a, b) -> (a cos - b sin, b cos + a sin)``. ``cos`` and ``sin`` may also be
+    ``(batch, n_tokens, head_dim)``: each row at its own positions (a left-padded batch).
     """
+    if cos.dim() == 3:  # one set of angles per row, shared by its heads
+        cos, sin = cos[:, None], sin[:, None]
     first, second = x.chunk(2, dim=-1)  # (batch, heads, n_tokens, head_dim / 2) each
     rotated_half = torch.cat([-second, first], dim=-1)
     return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
 
 
 def _causal_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int,
-                      dropout_p: float) -> torch.Tensor:
-    """Scaled dot-product attention where new token ``t`` (at position ``past + t``) sees keys up to its own."""
+                      dropout_p: float, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention where new token ``t`` (at position ``past + t``) sees keys up to its own.
+
+    ``attn_mask`` (``helpers.attention.padding_causal_mask``: True where a query may look), when given,
+    replaces the causal mask: it already holds it, and hides the padding of a left-padded batch.
+    """
+    if attn_mask is not None:
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=attn_mask, dropout_p=dropout_p)
     if past == 0:
         return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=True)
     n_tokens = queries.shape[2]
@@ -252,8 +264,9 @@ class GroupedQueryAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerKVCache | None = None) -> torch.Tensor:
-        """``x`` ``(batch, n_tokens, emb_dim)``; ``cos``/``sin`` ``(n_tokens, head_dim)`` for the tokens' positions."""
+                cache: LayerKVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``(batch, n_tokens, emb_dim)``; ``cos``/``sin`` ``(n_tokens, head_dim)`` for the tokens' positions
+        (``(batch, n_tokens, head_dim)`` with ``attn_mask``, the mask of a left-padded batch)."""
         batch, n_tokens, _ = x.shape
         past = cache.length if cache is not None else 0
         if past + n_tokens > self.context_length:
@@ -274,7 +287,7 @@ class GroupedQueryAttention(nn.Module):
         # every key/value head serves group_size query heads: (batch, n_kv_heads, n_keys, head_dim) -> n_heads
         keys = keys.repeat_interleave(self.group_size, dim=1)
         values = values.repeat_interleave(self.group_size, dim=1)
-        context = _causal_attention(queries, keys, values, past, self.dropout if self.training else 0.0)
+        context = _causal_attention(queries, keys, values, past, self.dropout if self.training else 0.0, attn_mask)
         # (batch, n_heads, n_tokens, head_dim) -> (batch, n_tokens, n_heads * head_dim)
         context = context.transpose(1, 2).reshape(batch, n_tokens, self.n_heads * self.head_dim)
         return self.out_proj(context)  # (batch, n_tokens, emb_dim)
@@ -292,9 +305,9 @@ class ModernBlock(nn.Module):
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerKVCache | None = None) -> torch.Tensor:
+                cache: LayerKVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         shortcut = x
-        x = self.att(self.norm1(x), cos, sin, cache)
+        x = self.att(self.norm1(x), cos, sin, cache, attn_mask)
         x = self.drop_shortcut(x)
         x = x + shortcut
 
@@ -367,12 +380,14 @@ class ModernModel(nn.Module):
         return ModernKVCache(self.cfg.n_layers, self.cfg.context_length)
 
     def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None, *,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Return the logits ``(batch, n_tokens, vocab_size)`` for token ids ``(batch, n_tokens)``.
 
-        With ``kv_cache``, ``in_idx`` holds only the new tokens: they take the positions after those
-        already cached. ``return_hidden=True`` returns the final normalised hidden states
-        ``(batch, n_tokens, emb_dim)`` instead of logits, as ``GPTModel`` does.
+        The decoder protocol of ``helpers.model``, as ``GPTModel.forward``: with ``kv_cache``, ``in_idx``
+        holds only the new tokens, which take the positions after those already cached;
+        ``return_hidden=True`` returns the final normalised hidden states ``(batch, n_tokens, emb_dim)``;
+        ``attention_mask`` (1 real, 0 padding) hides the left padding of a batch and rotates each row's
+        queries and keys by its own positions, counted from its first real token.
         """
         if in_idx.dim() != 2:
             raise ValueError(f"in_idx must be (batch, n_tokens) token ids, got shape {tuple(in_idx.shape)}")
@@ -383,11 +398,14 @@ class ModernModel(nn.Module):
                 f"the input has {start + n_tokens} tokens ({start} cached + {n_tokens} new) but the model's "
                 f"context_length is {self.cfg.context_length}; crop it to the last {self.cfg.context_length} tokens"
             )
-        positions = torch.arange(start, start + n_tokens, device=in_idx.device)
-        cos, sin = self.rope(positions)  # (n_tokens, head_dim) each, shared by every layer
+        if attention_mask is None and (kv_cache is None or kv_cache.key_mask is None):  # no padding anywhere
+            positions, attn_mask = torch.arange(start, start + n_tokens, device=in_idx.device), None
+        else:  # (batch, n_tokens) positions, and the mask that hides the padding
+            positions, attn_mask = left_padding(in_idx, attention_mask, kv_cache, start)
+        cos, sin = self.rope(positions)  # (n_tokens, head_dim) each (one per row when padded), for every layer
         x = self.drop_emb(self.tok_emb(in_idx))  # (batch, n_tokens, emb_dim)
         for index, block in enumerate(self.blocks):
-            x = block(x, cos, sin, kv_cache.layers[index] if kv_cache is not None else None)
+            x = block(x, cos, sin, kv_cache.layers[index] if kv_cache is not None else None, attn_mask)
         x = self.final_norm(x)
         if return_hidden:
             return x

@@ -37,8 +37,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from helpers.data import fetch
-from helpers.instruct import RESPONSE_HEADER, InstructionDataError, format_input, split_records
-from helpers.model import GPTModel
+from helpers.instruct import ALPACA, InstructionDataError, PromptFormat, split_records
+from helpers.model import is_decoder
 from helpers.runtime import autocast, check_count, compute_dtype, eval_mode, unwrap_model
 from helpers.tokenizers import encode_user_text
 from helpers.train import TrainingDiverged
@@ -134,18 +134,21 @@ class PreferenceDataset(Dataset):
     encoded one by one and joined, so the answer starts exactly at ``prompt_length``; the end token is
     part of the answer, as in instruction finetuning, so the preference also covers where an answer stops.
     Record text is encoded with ``encode_user_text``: a literal ``<|endoftext|>`` in it is ordinary text,
-    and the only end-of-text id is the one appended here.
+    and the only end-of-text id is the one appended here. ``prompt_format`` (``helpers.instruct.PromptFormat``,
+    default the book's ``ALPACA``) says what the prompt and the header are: a chat template's turns, with
+    ``end_token_id`` its end token's id.
     """
 
-    def __init__(self, data: Sequence[dict], tokenizer, end_token_id: int | None = 50256):
+    def __init__(self, data: Sequence[dict], tokenizer, end_token_id: int | None = 50256, *,
+                 prompt_format: PromptFormat = ALPACA):
         check_count("end_token_id", end_token_id, minimum=0, allow_none=True)
         records = check_preference_records(data)
-        self.items = [self._encode(record, tokenizer, end_token_id) for record in records]
+        self.items = [self._encode(record, tokenizer, end_token_id, prompt_format) for record in records]
 
     @staticmethod
-    def _encode(record: dict, tokenizer, end_token_id: int | None) -> dict:
-        prompt = encode_user_text(tokenizer, format_input(record))
-        prefix = prompt + encode_user_text(tokenizer, RESPONSE_HEADER)
+    def _encode(record: dict, tokenizer, end_token_id: int | None, prompt_format: PromptFormat) -> dict:
+        prompt = prompt_format.instruction_ids(record, tokenizer)
+        prefix = prompt + prompt_format.header_ids(tokenizer)
         end = [] if end_token_id is None else [end_token_id]
         item = {"prompt": prompt, "prompt_length": len(prefix)}
         for answer in _ANSWERS:
@@ -291,16 +294,16 @@ def _head_logprobs(head: nn.Module, states: torch.Tensor, targets: torch.Tensor,
 
 def model_sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, average: bool = False,
                             chunk_rows: int | None = None, *, header_tokens: int = 0) -> torch.Tensor:
-    """``sequence_logprobs(model(ids), ids, mask, average, header_tokens=...)``, without a GPTModel's full logits.
+    """``sequence_logprobs(model(ids), ids, mask, average, header_tokens=...)``, without a decoder's full logits.
 
-    For a GPTModel (also wrapped) the output head is applied only to the hidden states that predict a
-    masked token, ``chunk_rows`` rows at a time (default: about 2^25 logits per chunk), so no
+    For a decoder (``GPTModel``, ``ModernModel``, also wrapped) the output head is applied only to the
+    hidden states that predict a masked token, ``chunk_rows`` rows at a time (about 2^25 logits a chunk), so no
     ``(batch, n_tokens, vocab_size)`` tensor exists, in forward or backward. Other models go through
     their logits.
     """
     check_count("chunk_rows", chunk_rows, minimum=1, allow_none=True)
     core = unwrap_model(model)
-    if not isinstance(core, GPTModel):
+    if not is_decoder(core):
         return sequence_logprobs(model(ids), ids, mask, average, header_tokens=header_tokens)
     mask = _check_scored(ids, mask, header_tokens)
     hidden = model(ids, return_hidden=True)  # (batch, n_tokens, emb_dim)
