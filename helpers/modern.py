@@ -192,8 +192,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
 class RotaryEmbedding(nn.Module):
     """The cosines and sines that rotate queries and keys at given positions (no weights).
 
-    The frequencies are recomputed in float32 on every call (``head_dim / 2`` numbers), so they
-    follow the positions' device and never lose precision when the model is cast to bfloat16.
+    The frequencies (``head_dim / 2`` numbers) are kept in float32 outside the module's state, once
+    per device, so they never lose precision when the model is cast to bfloat16.
     """
 
     def __init__(self, cfg: ModernConfig):
@@ -201,11 +201,15 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = cfg.head_dim
         self.theta = cfg.rope_theta
         self.scaling = cfg.rope_scaling
+        self._frequencies: dict[torch.device, torch.Tensor] = {}  # per device; not a buffer, so never cast
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions ``(n_tokens,)`` (or ``(batch, n_tokens)``, one row each) -> ``cos`` and ``sin``, each of
         shape ``positions.shape + (head_dim,)``, float32."""
-        frequencies = rope_frequencies(self.head_dim, self.theta, self.scaling, positions.device)
+        frequencies = self._frequencies.get(positions.device)
+        if frequencies is None:  # computed once per device: decoding calls this for every token
+            frequencies = rope_frequencies(self.head_dim, self.theta, self.scaling, positions.device)
+            self._frequencies[positions.device] = frequencies
         angles = positions.float()[..., None] * frequencies  # (..., n_tokens, head_dim / 2)
         angles = torch.cat([angles, angles], dim=-1)  # (n_tokens, head_dim): both halves of a pair share one angle
         return angles.cos(), angles.sin()
@@ -232,14 +236,21 @@ def _causal_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
     ``attn_mask`` (``helpers.attention.padding_causal_mask``: True where a query may look), when given,
     replaces the causal mask: it already holds it, and hides the padding of a left-padded batch.
     """
+    # enable_gqa: each key/value head serves its group of query heads, as repeat_interleave(group_size, dim=1)
+    # on keys and values would arrange, without copying them
     if attn_mask is not None:
-        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=attn_mask, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              enable_gqa=True)
     if past == 0:
-        return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=True)
+        return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=True,
+                                              enable_gqa=True)
     n_tokens = queries.shape[2]
+    if n_tokens == 1:  # one new token may look at everything cached
+        return F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, enable_gqa=True)
     query_pos = torch.arange(past, past + n_tokens, device=queries.device)[:, None]
     key_pos = torch.arange(keys.shape[2], device=queries.device)[None, :]
-    return F.scaled_dot_product_attention(queries, keys, values, attn_mask=key_pos <= query_pos, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(queries, keys, values, attn_mask=key_pos <= query_pos, dropout_p=dropout_p,
+                                          enable_gqa=True)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -284,9 +295,7 @@ class GroupedQueryAttention(nn.Module):
         if cache is not None:  # stored already rotated, at their absolute positions
             keys, values = cache.append(keys, values)
 
-        # every key/value head serves group_size query heads: (batch, n_kv_heads, n_keys, head_dim) -> n_heads
-        keys = keys.repeat_interleave(self.group_size, dim=1)
-        values = values.repeat_interleave(self.group_size, dim=1)
+        # every key/value head serves group_size query heads (the kernel's enable_gqa: no copies)
         context = _causal_attention(queries, keys, values, past, self.dropout if self.training else 0.0, attn_mask)
         # (batch, n_heads, n_tokens, head_dim) -> (batch, n_tokens, n_heads * head_dim)
         context = context.transpose(1, 2).reshape(batch, n_tokens, self.n_heads * self.head_dim)
