@@ -86,8 +86,8 @@ def split_text(text: str, patterns: Sequence[regex.Pattern]) -> list[str]:
     A pattern's matches become pieces, and so does any text between them, so nothing is lost:
     ``"".join(split_text(text, patterns)) == text``. Merges never cross from one piece to the next.
     """
-    pieces = [text]
-    for compiled in patterns:
+    pieces = _split_once(patterns[0], text)
+    for compiled in patterns[1:]:
         pieces = [part for piece in pieces for part in _split_once(compiled, piece)]
     return pieces
 
