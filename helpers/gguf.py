@@ -18,6 +18,7 @@ import os
 import struct
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -74,9 +75,10 @@ def smollm2_gguf_path() -> Path:
 # checking the file's structure before the gguf package parses it
 
 _MAGIC = b"GGUF"
-_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> size
-_STRING, _ARRAY = 8, 9
-_MAX_DIMS = 4
+_VALUE = gguf.GGUFValueType
+_SCALAR_BYTES = {_VALUE.UINT8: 1, _VALUE.INT8: 1, _VALUE.UINT16: 2, _VALUE.INT16: 2, _VALUE.UINT32: 4, _VALUE.INT32: 4,
+                 _VALUE.FLOAT32: 4, _VALUE.BOOL: 1, _VALUE.UINT64: 8, _VALUE.INT64: 8, _VALUE.FLOAT64: 8}
+_MAX_DIMS = 4  # ggml's tensors have at most four dimensions
 
 
 class _Cursor:
@@ -106,20 +108,21 @@ class _Cursor:
         start = self.take(length, what)
         return bytes(self.data[start:start + length])
 
-    def value(self, kind: int, key: str) -> object:
+    def value(self, kind: int, key: str) -> int | None:
+        """Step over the value of metadata ``key``; return it if it is a UINT32 (``general.alignment`` is one)."""
         if kind in _SCALAR_BYTES:
             start = self.take(_SCALAR_BYTES[kind], f"the value of {key}")
-            return struct.unpack_from("<I", self.data, start)[0] if kind == 4 else None
-        if kind == _STRING:
+            return struct.unpack_from("<I", self.data, start)[0] if kind == _VALUE.UINT32 else None
+        if kind == _VALUE.STRING:
             self.string(f"the value of {key}")
             return None
-        if kind != _ARRAY:
+        if kind != _VALUE.ARRAY:
             raise GGUFError(f"{self.path}: metadata {key} has value type {kind}, which GGUF does not define; the file "
                             "is damaged or newer than the gguf package")
         item, count = self.u32(f"the item type of {key}"), self.u64(f"the length of {key}")
         if item in _SCALAR_BYTES:
             self.take(count * _SCALAR_BYTES[item], f"the {count:,} items of {key}")
-        elif item == _STRING:
+        elif item == _VALUE.STRING:
             self.need(count * 8, f"the {count:,} strings of {key}")  # each at least its 8-byte length
             for index in range(count):
                 self.string(f"item {index} of {key}")
@@ -141,8 +144,6 @@ def _check_structure(path: Path) -> None:
 
 
 def _walk(cursor: _Cursor) -> None:
-    import gguf
-
     data, path = cursor.data, cursor.path
     cursor.take(4, "the magic number")
     if bytes(data[:4]) != _MAGIC:
@@ -187,8 +188,6 @@ class _GGUFFile:
     """A GGUF file, parsed by ``gguf.GGUFReader`` after its structure has been checked."""
 
     def __init__(self, path: Path):
-        import gguf
-
         _check_structure(path)
         try:
             self.reader = gguf.GGUFReader(path)
@@ -208,7 +207,7 @@ class _GGUFFile:
         value = field.contents()
         kinds = kind if isinstance(kind, tuple) else (kind,)
         fits = lambda item: isinstance(item, kinds) and (bool in kinds or not isinstance(item, bool))  # noqa: E731
-        if not (all(map(fits, value)) if sequence and isinstance(value, list) else not sequence and fits(value)):
+        if not (isinstance(value, list) and all(map(fits, value)) if sequence else fits(value)):
             what = "/".join(k.__name__ for k in kinds)
             raise GGUFError(f"{self.source}: metadata {key} is {value!r:.80}, not the "
                             f"{'list of ' + what + 's' if sequence else what} it should be")
@@ -287,8 +286,6 @@ def gguf_tokenizer(path: str | os.PathLike) -> BPETokenizer:
     encodes as the file's unknown token, as transformers does. Only ``tokenizer.ggml.model`` ``gpt2``
     (byte-level BPE) with a pre-tokenizer of ``PRE_TOKENIZERS`` is read; SentencePiece is refused.
     """
-    import gguf
-
     file = _open(path)
     model = file.field("tokenizer.ggml.model", str)
     if model != "gpt2":
@@ -351,8 +348,6 @@ def _rotate_half_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _dequantized(tensor, source: str) -> np.ndarray:
     """One tensor as a float32 array shaped as PyTorch orders it (rows, columns)."""
-    import gguf
-
     kind = tensor.tensor_type.name
     if kind not in READABLE_TYPES:
         raise GGUFError(f"{source}: tensor {tensor.name} is stored as {kind}, which load_gguf does not dequantize "
