@@ -720,3 +720,52 @@ def test_encode_user_text_refuses_non_strings():
 
     with pytest.raises(TypeError, match="text must be a str"):
         encode_user_text(gpt2_tokenizer(), float("nan"))
+
+
+# -- split patterns in sequence, and bytes without a token (SmolLM2's tables) -------------------
+
+
+@given(st.text())
+def test_split_text_with_several_patterns_loses_nothing(text):
+    from helpers.bpe import SMOLLM_SPLIT_PATTERNS, split_text
+
+    compiled = [regex.compile(pattern) for pattern in SMOLLM_SPLIT_PATTERNS]
+    assert "".join(split_text(text, compiled)) == text
+
+
+def test_a_digit_split_first_keeps_every_digit_a_piece_of_its_own():
+    from helpers.bpe import SMOLLM_SPLIT_PATTERNS, split_text
+
+    compiled = [regex.compile(pattern) for pattern in SMOLLM_SPLIT_PATTERNS]
+    assert split_text("a  12 ½x", compiled) == ["a", "  ", "1", "2", " ", "½", "x"]
+    # given a tokenizer trained with digits apart; then no merge joins a digit to anything
+    tokenizer = BPETokenizer(SMOLLM_SPLIT_PATTERNS).train("year 2024 and 2025, page 12 of 1200 " * 20, vocab_size=300)
+    digits = {ord(d) for d in string.digits}
+    assert not any(left in digits or right in digits for left, right in tokenizer.merges)
+    assert tokenizer.decode(tokenizer.encode("in 2024  1")) == "in 2024  1"
+
+
+def _tables_without_byte(missing: int) -> tuple[dict[str, int], dict[str, int]]:
+    from helpers.bpe_files import printable
+
+    ordinary = [byte for byte in range(256) if byte != missing]
+    vocab = {printable(bytes([byte])): index + 1 for index, byte in enumerate(ordinary)}
+    return vocab, {"<unk>": 0}
+
+
+def test_from_tables_refuses_a_missing_byte_without_an_unknown_token():
+    vocab, specials = _tables_without_byte(4)
+    with pytest.raises(ValueError, match=r"lacks the single-byte tokens of bytes \[4\]"):
+        BPETokenizer.from_tables(vocab, [], specials, source="tables.json")
+
+
+def test_a_run_of_bytes_without_tokens_is_one_unknown_token_and_survives_save_and_load(tmp_path):
+    from helpers.bpe import SMOLLM_SPLIT_PATTERNS
+
+    vocab, specials = _tables_without_byte(4)
+    tokenizer = BPETokenizer.from_tables(vocab, [], specials, pattern=SMOLLM_SPLIT_PATTERNS, unk_token="<unk>")
+    ids = tokenizer.encode("\x04\x04a1")
+    assert ids == [0, vocab["a"], vocab["1"]]
+    loaded = BPETokenizer.load(tokenizer.save(tmp_path / "bpe.json"))
+    assert loaded.pattern == SMOLLM_SPLIT_PATTERNS and loaded.unk_id == 0
+    assert loaded.encode("\x04\x04a1") == ids
