@@ -1,6 +1,6 @@
 """Mutation check: plausible one-line bugs in helpers/, each of which a test file must catch.
 
-Usage: python scripts/mutants.py [--list] [--no-baseline] [--timeout SECONDS] [name ...]
+Usage: python scripts/mutants.py [--list] [--no-baseline] [-k EXPRESSION] [--timeout SECONDS] [name ...]
 
 Each mutant names a file, an exact snippet of it, the snippet's replacement and the test file that
 should catch it. For each one the repository (the files git knows and the untracked ones it does not
@@ -10,7 +10,8 @@ a passing one lets it survive. The real checkout is never edited, so a crash or 
 
 First, unless ``--no-baseline``, every test file named runs once on an unmutated copy: a file that
 fails there would "catch" every mutant, so the check stops. Names given on the command line (any
-part of a mutant's name) pick the mutants to run. Exit status: 0 when every mutant is caught, 1 when
+part of a mutant's name) pick the mutants to run; ``-k`` is passed to pytest, to see whether one
+particular test catches them. Exit status: 0 when every mutant is caught, 1 when
 one survives or pytest could not run, 2 when a snippet is no longer in its file (the code moved:
 update the mutant).
 """
@@ -168,7 +169,8 @@ def pytest_environment(copy: Path) -> dict[str, str]:
     return env
 
 
-def run_tests(mutant: Mutant | None, tests: str, timeout: float) -> tuple[int | None, str, float]:
+def run_tests(mutant: Mutant | None, tests: str, timeout: float,
+              keyword: str | None = None) -> tuple[int | None, str, float]:
     """Pytest's exit status (None: timed out), the first failure it names, and the seconds it took."""
     with tempfile.TemporaryDirectory(prefix="mutant-") as folder:
         copy = Path(folder) / "repo"
@@ -183,6 +185,7 @@ def run_tests(mutant: Mutant | None, tests: str, timeout: float) -> tuple[int | 
         if not where.startswith(str(copy)):  # an installed helpers would be tested instead of the mutant
             raise RuntimeError(f"the copy's tests import helpers from {where or 'nowhere'}, not from {copy}")
         command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", tests]
+        command += ["-k", keyword] if keyword else []
         start = time.monotonic()
         try:
             result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True,
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="run only the mutants whose name contains one of these")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of each test file unmutated")
+    parser.add_argument("-k", dest="keyword", help="run only the tests pytest -k selects with this expression")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one pytest run may take (default 600)")
     args = parser.parse_args(argv)
 
@@ -221,8 +225,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_baseline:
         for tests in sorted({mutant.tests for mutant in chosen}):
-            status, failure, seconds = run_tests(None, tests, args.timeout)
+            status, failure, seconds = run_tests(None, tests, args.timeout, args.keyword)
             print(f"baseline  {tests}: {'passes' if status == 0 else 'FAILS'} ({seconds:.0f} s)", flush=True)
+            if status == 5:
+                print(f"error: pytest -k {args.keyword!r} selects no test of {tests}", file=sys.stderr)
+                return 1
             if status != 0:
                 print(f"error: {tests} fails without any mutant ({failure or f'pytest exit {status}'}); "
                       "fix it first, or every mutant would look caught", file=sys.stderr)
@@ -230,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     survivors, broken = [], []
     for mutant in chosen:
-        status, failure, seconds = run_tests(mutant, mutant.tests, args.timeout)
+        status, failure, seconds = run_tests(mutant, mutant.tests, args.timeout, args.keyword)
         if status == 0:
             verdict = "SURVIVED"
             survivors.append(mutant)
