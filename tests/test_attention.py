@@ -149,3 +149,21 @@ def test_attention_with_a_padding_mask_equals_attention_without_the_padding():
     # then the real positions are unchanged and the padded ones finite
     torch.testing.assert_close(out[:, 3:], mha(x), rtol=0, atol=1e-6)
     assert torch.isfinite(out).all()
+
+
+def test_a_query_with_no_real_key_attends_to_itself_so_left_padding_stays_finite():
+    # given a batch whose first row is three padding vectors before two tokens, so its first three
+    # queries have no real key at or before them
+    torch.manual_seed(8)
+    mha = MultiHeadAttention(d_in=8, d_out=8, context_length=10, dropout=0.0, num_heads=2).eval()
+    x = torch.randn(2, 5, 8)
+    key_mask = torch.tensor([[False, False, False, True, True], [True] * 5])
+    # when it runs with the padding mask
+    out = mha(x, attn_mask=padding_causal_mask(key_mask, n_queries=5))
+    # then each padded query's output is its own value vector, projected (it attended to itself alone),
+    # and the real rows are those computed without the padding
+    torch.testing.assert_close(out[0, :3], mha.out_proj(mha.W_value(x[0, :3])), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[0, 3:], mha(x[:1, 3:])[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[1], mha(x[1:])[0], rtol=0, atol=1e-6)
+    assert torch.isfinite(out).all()
+

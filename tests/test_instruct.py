@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import re
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from helpers.generate import generate
 from helpers.instruct import (
+    RESPONSE_HEADER,
     InstructionDataError,
     InstructionDataset,
     baseline_scores,
@@ -248,6 +250,31 @@ def test_generate_responses_equal_answers_generated_one_at_a_time(splits, answer
     single = generate_responses(answer_model, tiktoken_gpt2, entries, max_new_tokens=6, batch_size=1,
                                 progress=False)
     assert single == answered
+
+
+def test_generate_responses_cut_each_answer_where_the_model_emits_end_of_text(splits, answer_model, tiktoken_gpt2):
+    # given the answer model with its output rows for <|endoftext|> and for the third token it answers the
+    # first entry with swapped, so that it emits <|endoftext|> there instead: a model that stops mid-answer
+    entries = splits[1][:6]
+    prompts = [encode_user_text(tiktoken_gpt2, format_input(entry) + RESPONSE_HEADER) for entry in entries]
+    free = generate(answer_model, torch.tensor([prompts[0]]), 8)[0, len(prompts[0]):].tolist()
+    stopper = free[2]
+    assert stopper not in free[:2] and 50256 not in free
+    model = copy.deepcopy(answer_model)
+    with torch.no_grad():
+        model.out_head.weight[[stopper, 50256]] = model.out_head.weight[[50256, stopper]]
+    # and the reference: each entry alone through generate(..., eos_id), decoded up to its first end-of-text
+    alone = [generate(model, torch.tensor([ids]), 8, eos_id=50256)[0, len(ids):].tolist() for ids in prompts]
+    assert alone[0][:3] == [*free[:2], 50256]  # it does stop after two tokens
+    expected = [tiktoken_gpt2.decode(new[:new.index(50256)] if 50256 in new else new).strip() for new in alone]
+
+    # when the entries are answered in batches of three
+    answered = generate_responses(model, tiktoken_gpt2, entries, max_new_tokens=8, batch_size=3, progress=False)
+
+    # then every answer is the reference's: cut at the end-of-text, which never shows in it
+    assert [result["model_response"] for result in answered] == expected
+    assert expected[0] == tiktoken_gpt2.decode(free[:2]).strip()
+    assert not any("<|endoftext|>" in result["model_response"] for result in answered)
 
 
 def test_generate_responses_creates_the_folder_of_out_path(answer_model, tiktoken_gpt2, tmp_path):

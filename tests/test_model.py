@@ -259,6 +259,47 @@ def test_cache_carries_the_padding_mask_and_positions_to_later_tokens(tiny_cfg, 
     assert torch.equal(cache.key_mask, mask.bool())
 
 
+def test_a_mask_given_after_a_prefix_cached_without_one_counts_that_prefix_as_real(tiny_cfg, tiny_model):
+    # given a batch without padding whose first 6 tokens went through the cache without a mask
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = tiny_model(idx)
+        cache = tiny_model.new_kv_cache()
+        prefix = tiny_model(idx[:, :6], cache)
+        # when the rest comes with an all-ones mask, in a chunk of four and then token by token
+        rest = [tiny_model(idx[:, 6:10], cache, attention_mask=torch.ones(2, 4, dtype=torch.long))]
+        rest += [tiny_model(idx[:, i:i + 1], cache, attention_mask=torch.ones(2, 1, dtype=torch.long))
+                 for i in (10, 11)]
+    # then the logits are those of one uncached pass: the cached tokens are seen, at their positions
+    torch.testing.assert_close(torch.cat([prefix, *rest], dim=1), full, rtol=0, atol=1e-5)
+    assert cache.key_mask.shape == (2, 12) and bool(cache.key_mask.all())
+
+
+def test_left_padded_batch_decoded_token_by_token_through_the_cache_equals_each_row_alone(tiny_cfg, tiny_model):
+    # given three prompts of different lengths, left-padded into one batch, and the greedy continuation
+    # each gets alone, without the cache (the reference)
+    sequences = varied_sequences(tiny_cfg, [2, 7, 4])
+    alone = []
+    with torch.no_grad():
+        for ids in sequences:
+            row = ids[None]
+            for _ in range(6):
+                row = torch.cat([row, tiny_model(row)[:, -1:].argmax(dim=-1)], dim=1)
+            alone.append(row[0, len(ids):])
+        # when the batch is decoded greedily: the padded prompts once, then one token per step
+        idx, mask = left_padded(sequences, pad_id=1)
+        cache = tiny_model.new_kv_cache()
+        logits = tiny_model(idx, cache, attention_mask=mask)[:, -1]
+        steps = []
+        for _ in range(6):
+            next_token = logits.argmax(dim=-1, keepdim=True)
+            steps.append(next_token)
+            logits = tiny_model(next_token, cache)[:, -1]
+    # then every row continues as it does alone, and nothing is NaN
+    assert torch.equal(torch.cat(steps, dim=1), torch.stack(alone))
+    assert torch.isfinite(logits).all()
+
+
 def test_keep_rows_drops_finished_rows_from_the_cache(tiny_cfg, tiny_model):
     # given a padded batch whose first 10 columns are cached
     idx, mask = left_padded(varied_sequences(tiny_cfg, [6, 12, 9]))

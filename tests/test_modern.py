@@ -30,6 +30,7 @@ from helpers.modern import (
     RotaryEmbedding,
     SwiGLU,
     apply_rope,
+    init_modern_weights,
     kv_cache_bytes_per_token,
     rope_frequencies,
 )
@@ -116,6 +117,20 @@ def test_rmsnorm_equals_transformers_rmsnorm(dtype):
     assert torch.equal(ours.to(dtype)(x), theirs.to(dtype)(x))
 
 
+def test_rmsnorm_eps_counts_as_transformers_counts_it_for_small_inputs():
+    # given vectors whose mean square (about 1e-6) is as small as the eps, where eps changes the result
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 24) * 1e-3
+    for eps in (1e-5, 1e-6):
+        ours, theirs = RMSNorm(24, eps=eps), modeling_llama.LlamaRMSNorm(24, eps=eps)
+
+        # when / then ours is transformers' and the hand computation x / sqrt(mean(x^2) + eps)
+        by_hand = x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+        assert _max_diff(ours(x), theirs(x)) < 1e-6
+        assert _max_diff(ours(x), by_hand) < 1e-5
+    assert _max_diff(RMSNorm(24, eps=1e-5)(x), RMSNorm(24, eps=1e-6)(x)) > 0.1  # eps matters here
+
+
 def test_swiglu_equals_transformers_mlp():
     # given our SwiGLU and LlamaMLP holding the same gate, up and down projections
     cfg = _tiny()
@@ -147,6 +162,20 @@ def test_rope_equals_transformers_rotary_embedding_past_the_original_context(sca
     assert _max_diff(cos, their_cos[0]) < 1e-6 and _max_diff(sin, their_sin[0]) < 1e-6
     rotated, _ = modeling_llama.apply_rotary_pos_emb(x, x, their_cos, their_sin)
     assert _max_diff(apply_rope(x, cos, sin), rotated) < 1e-6
+
+
+@pytest.mark.parametrize("theta", [500_000.0, 1_000_000.0], ids=["llama3", "qwen3"])
+def test_rope_at_the_published_thetas_equals_transformers_rotary_embedding(theta):
+    # given a config with Llama 3's or Qwen3's rope_theta, not the 10,000 of the original RoPE
+    cfg = _tiny(head_dim=16, context_length=64, rope_theta=theta, qk_norm=False)
+    positions = torch.arange(cfg.context_length)
+
+    # when both compute the rotation tables, then they agree, and differ from theta 10,000's
+    cos, sin = RotaryEmbedding(cfg)(positions)
+    their_cos, their_sin = modeling_llama.LlamaRotaryEmbedding(_hf_config(cfg))(torch.zeros(1), positions[None, :])
+    assert _max_diff(cos, their_cos[0]) < 1e-6 and _max_diff(sin, their_sin[0]) < 1e-6
+    plain_cos, _ = RotaryEmbedding(_tiny(head_dim=16, context_length=64, rope_theta=10_000.0))(positions)
+    assert _max_diff(cos, plain_cos) > 0.1
 
 
 def test_llama3_scaling_keeps_fast_frequencies_and_divides_slow_ones():
@@ -228,6 +257,54 @@ def test_each_kv_head_serves_its_group_of_query_heads():
     assert _max_diff(grouped(x, cos, sin), full(x, cos, sin)) < 1e-6
 
 
+def test_attention_dropout_is_unbiased_in_training_and_off_in_eval_mode():
+    # given grouped attention with dropout 0.5 (on its attention weights: it has no other dropout), and one
+    # input repeated 4,000 times along the batch, so that every copy draws its own dropout mask
+    cfg = _tiny(drop_rate=0.5)
+    torch.manual_seed(0)
+    attention = GroupedQueryAttention(cfg)
+    x = torch.randn(1, 9, cfg.emb_dim).expand(4000, 9, cfg.emb_dim)
+    cos, sin = RotaryEmbedding(cfg)(torch.arange(9))
+
+    # when it runs in training mode, twice, and in eval mode
+    with torch.no_grad():
+        attention.train()
+        first, second = attention(x, cos, sin), attention(x, cos, sin)
+        attention.eval()
+        plain = attention(x, cos, sin)
+
+    # then training outputs vary from call to call and from copy to copy, eval's do not
+    assert not torch.allclose(first, second)
+    assert first[:, 1:].std(dim=0).min() > 1e-3  # the first token's one weight is dropped or doubled: that varies too
+    assert torch.equal(plain, attention(x, cos, sin)) and torch.equal(plain[0], plain[-1])
+    # and inverted dropout keeps the expectation: the mean of the training outputs is the eval output
+    # (to within 5 standard errors of that mean)
+    standard_error = first.std(dim=0) / math.sqrt(first.shape[0])
+    assert ((first.mean(dim=0) - plain[0]).abs() < 5 * standard_error + 1e-6).all()
+
+
+def test_in_a_model_with_only_attention_dropout_training_outputs_vary_and_eval_outputs_do_not():
+    # given a model with drop_rate 0.5 whose embedding and shortcut dropouts are switched off
+    cfg = _tiny(drop_rate=0.5)
+    torch.manual_seed(0)
+    model = ModernModel(cfg)
+    model.drop_emb.p = 0.0
+    for block in model.blocks:
+        block.drop_shortcut.p = 0.0
+    ids = _ids(cfg, n_tokens=12)
+
+    # when / then training mode varies from call to call, and eval mode is the model without dropout
+    with torch.no_grad():
+        model.train()
+        assert not torch.allclose(model(ids), model(ids))
+        model.eval()
+        plain = model(ids)
+        assert torch.equal(plain, model(ids))
+        undropped = ModernModel(_tiny(drop_rate=0.0)).train()  # training mode, nothing to drop
+        undropped.load_state_dict(model.state_dict())
+        assert _max_diff(undropped(ids), plain) < 1e-6
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole model against Qwen3ForCausalLM and LlamaForCausalLM, through load_qwen3 / load_llama
 
@@ -259,6 +336,93 @@ def test_loaded_checkpoint_gives_the_logits_of_transformers(cfg, shard):
 
     # then the config read from config.json is the drawn one, and the logits are transformers'
     assert model.cfg == cfg
+    with torch.no_grad():
+        assert _max_diff(model(ids), reference(ids).logits) < TOLERANCE
+
+
+def _hf_reference(folder: Path):
+    """transformers' own reading of a saved folder (its config defaults included)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_a_config_without_tie_word_embeddings_is_untied_as_in_transformers(family, tmp_path):
+    # given an untied checkpoint whose config.json leaves tie_word_embeddings out
+    cfg = _tiny(qk_norm=family == "qwen3", tie_weights=False)
+    folder = _saved(_hf_model(cfg, seed=5), tmp_path / family)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("tie_word_embeddings", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    # (transformers' default for both families is untied)
+    config_class = transformers.Qwen3Config if cfg.qk_norm else transformers.LlamaConfig
+    assert config_class().tie_word_embeddings is False
+
+    # when ours and transformers read it
+    theirs = _hf_reference(folder)
+    model = _load(cfg, folder)
+
+    # then both keep the file's own head, and the logits agree
+    assert theirs.config.tie_word_embeddings is False
+    assert model.cfg == cfg and model.out_head.weight is not model.tok_emb.weight
+    ids = _ids(cfg, n_tokens=20)
+    with torch.no_grad():
+        assert _max_diff(model(ids), theirs(ids).logits) < TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_a_head_dim_other_than_hidden_size_over_heads_is_read_from_the_config(family, tmp_path):
+    # given a random model of Qwen3-0.6B's proportions: head_dim twice hidden_size / heads
+    # (there 128 against 1024 / 16 = 64; here 16 against 32 / 4 = 8)
+    cfg = _tiny(qk_norm=family == "qwen3", emb_dim=32, n_heads=4, n_kv_heads=2, head_dim=16)
+    reference = _hf_model(cfg, seed=6)
+    assert reference.model.layers[0].self_attn.q_proj.weight.shape == (4 * 16, 32)
+
+    # when it is saved by transformers and loaded by ours
+    model = _load(cfg, _saved(reference, tmp_path / family))
+
+    # then the head_dim is the config's, and the logits are transformers'
+    assert model.cfg.head_dim == 16 and model.cfg == cfg
+    ids = _ids(cfg, n_tokens=20)
+    with torch.no_grad():
+        assert _max_diff(model(ids), reference(ids).logits) < TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_a_tied_checkpoint_that_also_stores_its_head_loads_with_the_logits_of_transformers(family, tmp_path):
+    # given a tied checkpoint (transformers writes the embedding only) rewritten to hold lm_head.weight too,
+    # a copy of the embedding, as some conversions write it
+    cfg = _tiny(qk_norm=family == "qwen3", tie_weights=True)
+    reference = _hf_model(cfg, seed=7)
+    saved = _saved(reference, tmp_path / "saved")
+    assert "lm_head.weight" not in load_file(saved / "model.safetensors")
+    both = _rewritten(saved, tmp_path / "both",
+                      lambda tensors: tensors.update({"lm_head.weight": tensors["model.embed_tokens.weight"].clone()}))
+
+    # when it is loaded by ours and by transformers
+    model = _load(cfg, both)
+    theirs = _hf_reference(both)
+
+    # then the head is the embedding, tied, and the logits are transformers'
+    assert model.out_head.weight is model.tok_emb.weight
+    ids = _ids(cfg, n_tokens=20)
+    with torch.no_grad():
+        assert _max_diff(model(ids), theirs(ids).logits) < TOLERANCE
+        assert _max_diff(model(ids), reference(ids).logits) < TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_a_checkpoint_with_the_published_rope_theta_and_rms_eps_gives_the_logits_of_transformers(family, tmp_path):
+    # given a random model with Qwen3's rope_theta and Llama 3's rms_norm_eps (not the defaults), saved by
+    # transformers (which writes rope_theta inside rope_parameters), and a sequence long enough for theta to matter
+    cfg = _tiny(qk_norm=family == "qwen3", rope_theta=1_000_000.0, norm_eps=1e-5)
+    reference = _hf_model(cfg, seed=8)
+    folder = _saved(reference, tmp_path / family)
+    assert "rope_theta" in json.loads((folder / "config.json").read_text())["rope_parameters"]
+
+    # when it is loaded, then its config and logits are transformers'
+    model = _load(cfg, folder)
+    assert model.cfg.rope_theta == 1_000_000.0 and model.cfg.norm_eps == 1e-5 and model.cfg == cfg
+    ids = _ids(cfg, n_tokens=44)
     with torch.no_grad():
         assert _max_diff(model(ids), reference(ids).logits) < TOLERANCE
 
@@ -421,6 +585,39 @@ def test_train_model_trains_a_modern_model():
     # then it evaluated twice and the loss fell
     assert history["steps"] == [2, 4]
     assert history["train_losses"][1] < history["train_losses"][0]
+
+
+@pytest.mark.parametrize("std", [0.02, 0.05])
+def test_init_draws_each_kind_of_weight_at_its_hand_computed_std(std):
+    # given a model of 8 layers, wide enough that each matrix holds thousands of draws (the standard
+    # deviation of n draws is estimated to within about 1 / sqrt(2 n) of itself: 1.6% for 64 x 32),
+    # its norms first set away from 1
+    cfg = _tiny(vocab_size=512, emb_dim=64, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, n_layers=8)
+    torch.manual_seed(0)
+    model = ModernModel(cfg)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(3.0)
+
+    # when it is initialised
+    init_modern_weights(model, std=std)
+
+    # then, by hand: every weight has mean 0 and std `std`, except the two projections that write into the
+    # residual stream, whose std is std / sqrt(2 x 8 layers) = std / 4; every norm starts at 1
+    residual = std / 4
+    expected = {"att.W_query": std, "att.W_key": std, "att.W_value": std, "att.out_proj": residual,
+                "ff.gate_proj": std, "ff.up_proj": std, "ff.down_proj": residual}
+    for index, block in enumerate(model.blocks):
+        for name, wanted in expected.items():
+            weight = block.get_submodule(name).weight
+            assert weight.std().item() == pytest.approx(wanted, rel=0.08), f"blocks.{index}.{name}"
+            assert abs(weight.mean().item()) < 5 * wanted / math.sqrt(weight.numel()), f"blocks.{index}.{name}"
+    for name in ("tok_emb", "out_head"):  # untied: each its own draw
+        assert model.get_submodule(name).weight.std().item() == pytest.approx(std, rel=0.05), name
+    norms = [module.weight for module in model.modules() if isinstance(module, RMSNorm)]
+    assert len(norms) == 4 * cfg.n_layers + 1  # norm1, norm2, q_norm, k_norm per block; the final norm
+    assert all(torch.equal(weight, torch.ones_like(weight)) for weight in norms)
 
 
 def test_return_hidden_gives_what_the_output_head_reads():

@@ -6,6 +6,7 @@ nothing here reaches the internet.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 import types
@@ -54,6 +55,68 @@ def test_unset_offline_mode_and_quick_mode_never_download(monkeypatch, variable)
     monkeypatch.setenv(variable, "1")
     branch = choose_branch(device="cuda")
     assert not branch.online and "LLM_ONLINE=1" in branch.reason
+
+
+def readme_branch(llm_online: str | None, hub_offline: bool, quick: bool, trains_355m: bool, cuda: bool) -> bool:
+    """The rule as README.md states it ("Online or offline"), restated here as the reference:
+
+    "`LLM_ONLINE=1` or `0` if set; unset, online unless quick mode or `HF_HUB_OFFLINE=1` says otherwise,
+    and for the two notebooks that finetune GPT-2 355M only on a CUDA GPU."
+    """
+    if llm_online is not None:
+        return llm_online == "1"
+    if quick or hub_offline:
+        return False
+    return cuda or not trains_355m
+
+
+SETTINGS = list(itertools.product([None, "1", "0"], [False, True], [False, True], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize(("llm_online", "hub_offline", "quick", "trains_355m", "cuda"), SETTINGS,
+                         ids=lambda value: {None: "unset", True: "y", False: "n"}.get(value, value))
+def test_every_combination_of_switches_takes_the_branch_readme_states(monkeypatch, llm_online, hub_offline, quick,
+                                                                       trains_355m, cuda):
+    # given each switch set or unset (LLM_QUICK too: make test sets it, which alone would force offline),
+    # and a machine with or without a CUDA GPU (the device found, not passed)
+    for name, value in (("LLM_ONLINE", llm_online), ("HF_HUB_OFFLINE", "1" if hub_offline else None),
+                        ("LLM_QUICK", "1" if quick else None)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LLM_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+    # when the branch is chosen
+    branch = choose_branch(trains_gpt2_medium=trains_355m)
+
+    # then it is README's, and an automatic offline choice says why and how to override it
+    assert branch.online == readme_branch(llm_online, hub_offline, quick, trains_355m, cuda)
+    if llm_online is not None:
+        assert branch.reason == f"LLM_ONLINE={llm_online}"
+    elif not branch.online:
+        cause = "HF_HUB_OFFLINE=1" if hub_offline else "quick mode" if quick else "no CUDA GPU here (cpu)"
+        assert branch.reason.startswith(cause) and "LLM_ONLINE=1" in branch.reason, branch.reason
+
+
+def test_offline_mode_is_the_reason_a_hub_error_gives_by_its_type_or_by_the_switch(monkeypatch):
+    # given huggingface_hub's own errors: the one it raises in offline mode, and a cache miss
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    offline_error = OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.")
+    cache_miss = LocalEntryNotFoundError("the file is not in the cache")
+    wrapped = RuntimeError("loading failed")
+    wrapped.__cause__ = offline_error
+
+    # when / then offline mode is named, whether the error says so (even wrapped) or HF_HUB_OFFLINE=1 does
+    says = "HF_HUB_OFFLINE=1 and the weights are not in the Hugging Face cache; unset it to download them"
+    assert hub_failure_reason(offline_error) == says
+    assert hub_failure_reason(wrapped) == says
+    assert "could not be reached" in hub_failure_reason(cache_miss)  # online, a miss is the network's doing
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_failure_reason(cache_miss) == says
 
 
 def test_a_switch_that_is_neither_on_nor_off_is_refused_with_the_values_to_use(monkeypatch):
