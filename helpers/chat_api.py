@@ -158,7 +158,7 @@ def _refuse_unsupported(document: dict) -> None:
             raise _invalid(name, "this server cannot call tools; leave it out", code="unsupported_parameter")
     if not isinstance(document.get("model", ""), str):
         raise _invalid("model", f"must be a string, got {_kind(document['model'])}")
-    if not isinstance(document.get("stream_options") or {}, dict):
+    if document.get("stream_options") is not None and not isinstance(document["stream_options"], dict):
         raise _invalid("stream_options", f"must be an object, got {_kind(document['stream_options'])}")
     for name, value in (("stream", document.get("stream")),
                         ("stream_options.include_usage", (document.get("stream_options") or {}).get("include_usage"))):
