@@ -8,8 +8,9 @@ one new token per row per step. Each row samples with its own settings (temperat
 its ``max_tokens``, or a cancel by its client; a finished row leaves the batch
 (``KVCache.keep_rows``) and the others go on. Greedy rows get the tokens they would get alone.
 
-Requests that arrive while a batch is decoding wait for the next one (no joining a running batch). A
-model other than ``GPTModel``, which takes no attention mask to hide padding behind, decodes its rows
+Requests that arrive while a batch is decoding join it between two steps: the newcomers are prefilled
+on their own, then their KV cache is joined to the batch's, left-padded to the longer (``_join_caches``).
+A model other than ``GPTModel``, which takes no attention mask to hide padding behind, decodes its rows
 side by side, one forward pass per row and step (as ``generate_batch`` answers them one at a time).
 A step that raises fails the requests of its batch with the error's message; the worker goes on.
 """
@@ -28,12 +29,9 @@ import torch
 from helpers.chat import TokenTextStream
 from helpers.chat_models import ChatModel
 from helpers.generate import has_kv_cache, left_pad, next_token_logits, sample_next_token
-from helpers.model import GPTModel
+from helpers.model import GPTModel, KVCache
 
 __all__ = ["BatchWorker", "Job", "Sampling", "WorkerUnavailable"]
-
-_STOP = object()  # put in the queue to end the worker
-
 
 class WorkerUnavailable(RuntimeError):
     """The worker cannot take a request now: its queue is full, or it has stopped; the message says which."""
@@ -194,14 +192,14 @@ class _Group:
         self.padded = not bool(self.mask.all())
         self.cache = None
 
-    def step(self, model: torch.nn.Module, context: int) -> int:
-        """Drop cancelled rows, give every other row its next token, drop the finished; return how many finished."""
+    def step(self, model: torch.nn.Module, context: int) -> None:
+        """Drop cancelled rows, give every other row its next token, and drop the rows that finished."""
         cancelled = [index for index, row in enumerate(self.rows) if row.job.cancelled]
         for index in cancelled:
             self.rows[index].job._finish("cancelled")
         self._drop(cancelled)
         if not self.rows:
-            return len(cancelled)
+            return
         if self.cache is not None and self.cache.length >= context:
             # the padding pushed the batch past the context (each row alone fits): pad again to today's longest
             self._pad()
@@ -212,9 +210,7 @@ class _Group:
         new = torch.tensor(tokens, device=self.device)[:, None]  # (rows, 1)
         self.idx = torch.cat([self.idx, new], dim=1)
         self.mask = torch.cat([self.mask, torch.ones_like(new, dtype=torch.bool)], dim=1)
-        finished = [index for index, (row, token) in enumerate(zip(self.rows, tokens)) if row.push(token)]
-        self._drop(finished)
-        return len(cancelled) + len(finished)
+        self._drop([index for index, (row, token) in enumerate(zip(self.rows, tokens)) if row.push(token)])
 
     def _drop(self, indices: list[int]) -> None:
         if not indices:
@@ -227,22 +223,62 @@ class _Group:
             if self.cache is not None:
                 self.cache.keep_rows(rows)
 
+    def join(self, other: _Group) -> None:
+        """Take in ``other``'s rows (a ``GPTModel``'s; both groups past a step): padded to the longer, caches joined.
+
+        The rows keep their cached keys and values; padding at the front of the shorter group is
+        masked, and positions count real tokens only, so every row goes on as it would have alone.
+        """
+        width = max(self.idx.shape[1], other.idx.shape[1])
+        self.idx = torch.cat([_pad_left(self.idx, width, self.pad_id), _pad_left(other.idx, width, self.pad_id)])
+        self.mask = torch.cat([_pad_left(self.mask, width, False), _pad_left(other.mask, width, False)])
+        self.padded = not bool(self.mask.all())
+        _join_caches(self.cache, other.cache)
+        self.rows += other.rows
+
+
+def _pad_left(tensor: torch.Tensor, width: int, value: int | bool) -> torch.Tensor:
+    """``tensor`` ``(rows, n)`` with ``value`` columns in front, to ``(rows, width)``."""
+    return torch.cat([tensor.new_full((tensor.shape[0], width - tensor.shape[1]), value), tensor], dim=1)
+
+
+def _join_caches(cache: KVCache, other: KVCache) -> None:
+    """Append ``other``'s rows to ``cache``, both right-aligned at the longer length; the shorter is masked in front."""
+    length = max(cache.length, other.length)
+    masks = [_pad_left(part.key_mask if part.key_mask is not None else
+                       torch.ones(part.layers[0].keys.shape[0], part.length, dtype=torch.bool,
+                                  device=part.layers[0].keys.device), length, False) for part in (cache, other)]
+    for layer, joining in zip(cache.layers, other.layers):
+        rows = layer.keys.shape[0]
+        keys = layer.keys.new_zeros((rows + joining.keys.shape[0], *layer.keys.shape[1:]))
+        values = torch.zeros_like(keys)
+        for buffer, mine, theirs in ((keys, layer.keys, joining.keys), (values, layer.values, joining.values)):
+            buffer[:rows, :, length - layer.length:length] = mine[:, :, :layer.length]
+            buffer[rows:, :, length - joining.length:length] = theirs[:, :, :joining.length]
+        layer.keys, layer.values, layer.length = keys, values, length
+    cache.key_mask = torch.cat(masks)
+
 
 class BatchWorker:
     """The thread that answers ``Job``s for one ``ChatModel``, up to ``max_batch`` of them at a time.
 
-    ``window_s`` is how long the first waiting request waits for others to join its batch; at most
-    ``max_queue`` requests wait (``submit`` refuses more). ``snapshot`` reports what it is doing;
-    ``history`` holds the last finished jobs (newest last).
+    When idle, the first request waits up to ``window_s`` for others to share its batch. Requests that
+    arrive while a batch decodes join it between two steps (once the oldest has waited ``window_s``, or
+    as many wait as there is room for): each is prefilled on its own, then its KV cache joins the batch's.
+    At most ``max_queue`` requests wait (``submit`` refuses more). ``snapshot`` reports what the worker
+    is doing; ``history`` holds the last finished jobs (newest last).
     """
 
     def __init__(self, chat_model: ChatModel, *, max_batch: int = 16, window_s: float = 0.01, max_queue: int = 256):
         self.chat_model = chat_model
         self.max_batch, self.window_s, self.max_queue = max_batch, window_s, max_queue
         self.history: collections.deque[Job] = collections.deque(maxlen=64)
-        self._queue: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        self._stats = {"batches": 0, "answered": 0, "cancelled": 0, "failed": 0, "largest_batch": 0, "active": 0}
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._changed = threading.Condition()  # guards _waiting and _stopping
+        self._stopping = False
+        self._lock = threading.Lock()  # guards _stats
+        self._stats = {"batches": 0, "joined": 0, "answered": 0, "cancelled": 0, "failed": 0, "largest_batch": 0,
+                       "active": 0}
         self._thread = threading.Thread(target=self._loop, name="generation worker", daemon=True)
         parameter = next(chat_model.model.parameters(), None)
         self.device = parameter.device if parameter is not None else torch.device("cpu")
@@ -254,8 +290,10 @@ class BatchWorker:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """End the thread after the batch it is decoding; requests still waiting are failed."""
-        self._queue.put(_STOP)
+        """End the thread once the batch it is decoding is done; requests still waiting are failed."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
         self._thread.join(timeout)
 
     @property
@@ -264,83 +302,97 @@ class BatchWorker:
         return self._thread.is_alive()
 
     def submit(self, job: Job) -> Job:
-        """Queue ``job`` for the next batch and return it; ``WorkerUnavailable`` if the queue is full or stopped."""
-        if not self.alive:
-            raise WorkerUnavailable("the generation worker is not running; restart the server")
-        if self._queue.qsize() >= self.max_queue:
-            raise WorkerUnavailable(f"{self.max_queue} requests are already waiting; try again shortly")
-        self._queue.put(job)
+        """Queue ``job`` for the worker and return it; ``WorkerUnavailable`` if the queue is full or it has stopped."""
+        with self._changed:
+            if self._stopping or not self.alive:
+                raise WorkerUnavailable("the generation worker is not running; restart the server")
+            if len(self._waiting) >= self.max_queue:
+                raise WorkerUnavailable(f"{self.max_queue} requests are already waiting; try again shortly")
+            self._waiting.append(job)
+            self._changed.notify()
         return job
 
     def snapshot(self) -> dict[str, int]:
-        """Counts: ``queued`` and ``active`` requests now; ``batches``, ``answered``, ``cancelled``, ``failed`` so far;
-        the ``largest_batch`` decoded."""
+        """The worker's counts, by name, now and so far.
+
+        Now: ``queued`` (waiting) and ``active`` (decoding) requests. So far: ``batches`` started from idle,
+        requests that ``joined`` a running batch, ``answered``, ``cancelled``, ``failed``, and the
+        ``largest_batch`` (most rows decoded at once).
+        """
         with self._lock:
-            return {**self._stats, "queued": self._queue.qsize()}
+            stats = dict(self._stats)
+        return {**stats, "queued": len(self._waiting)}
 
     def _count(self, **changes: int) -> None:
         with self._lock:
             for key, value in changes.items():
-                self._stats[key] = value if key in ("active", "largest_batch") else self._stats[key] + value
+                if key == "active":
+                    self._stats["active"] = value
+                    self._stats["largest_batch"] = max(self._stats["largest_batch"], value)
+                else:
+                    self._stats[key] += value
 
     def _loop(self) -> None:
         with torch.inference_mode():
             while (jobs := self._collect()) is not None:
                 try:
-                    self._answer(jobs)
+                    self._answer(jobs)  # jobs grows as requests join
                 except Exception as error:  # a failing batch fails its requests, never the worker
                     message = f"generation failed: {type(error).__name__}: {error}"
                     for job in jobs:
                         if not job.done.is_set():
                             job._finish("error", message)
                 finally:
-                    self._count(active=0, **self._tally(jobs))
+                    reasons = collections.Counter(job.finish_reason for job in jobs)
+                    self._count(active=0, answered=reasons["stop"] + reasons["length"],
+                                cancelled=reasons["cancelled"], failed=reasons["error"])
                     self.history.extend(jobs)
-        while True:  # stopped: whoever still waits hears so
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not _STOP:
-                job._finish("error", "the server is shutting down")
-
-    @staticmethod
-    def _tally(jobs: list[Job]) -> dict[str, int]:
-        reasons = collections.Counter(job.finish_reason for job in jobs)
-        return {"answered": reasons["stop"] + reasons["length"], "cancelled": reasons["cancelled"],
-                "failed": reasons["error"]}
+        with self._changed:  # stopped: whoever still waits hears so
+            while self._waiting:
+                self._waiting.popleft()._finish("error", "the server is shutting down")
 
     def _collect(self) -> list[Job] | None:
-        """The next batch: the first waiting job and those arriving within the window; None once stopped."""
-        first = self._queue.get()
-        if first is _STOP:
-            return None
-        jobs = [first]
-        deadline = first.submitted + self.window_s
-        while len(jobs) < self.max_batch:
-            try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if job is _STOP:
-                self._queue.put(_STOP)  # end after this batch
-                break
-            jobs.append(job)
-        return jobs
+        """The next batch, once idle: the first waiting job and those arriving within its window; None once stopped."""
+        with self._changed:
+            while not self._waiting and not self._stopping:
+                self._changed.wait()
+            if self._stopping:
+                return None
+            deadline = self._waiting[0].submitted + self.window_s
+            while len(self._waiting) < self.max_batch and not self._stopping and time.monotonic() < deadline:
+                self._changed.wait(deadline - time.monotonic())
+            return [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+
+    def _joining(self, room: int) -> list[Job]:
+        """The waiting jobs that join the running batch now (up to ``room``), without waiting for any."""
+        with self._changed:
+            if room <= 0 or not self._waiting or self._stopping:
+                return []
+            if len(self._waiting) < room and time.monotonic() < self._waiting[0].submitted + self.window_s:
+                return []  # let a few more gather: each joining is one prefill
+            return [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
 
     def _answer(self, jobs: list[Job]) -> None:
-        """Decode ``jobs`` step by step until every one has finished."""
+        """Decode ``jobs``, and those that join them, step by step until every one has finished."""
         model, context = self.chat_model.model, self.chat_model.context_length
-        rows = [_Row(job, self.chat_model, self.device) for job in jobs]
         pad_id = min(self.chat_model.stop_ids, default=0)  # any id will do: padding is masked
-        if isinstance(model, GPTModel):
-            groups = [_Group(rows, pad_id, self.device)]
-        else:  # no attention mask to hide padding behind: each row alone
-            groups = [_Group([row], pad_id, self.device) for row in rows]
-        self._count(batches=1, largest_batch=max(len(jobs), self.snapshot()["largest_batch"]), active=len(jobs))
-        active = len(jobs)
-        while groups:
-            for group in groups:
-                active -= group.step(model, context)
+        batched = isinstance(model, GPTModel)  # others take no attention mask to hide padding behind: a row each
+        self._count(batches=1)
+        groups: list[_Group] = []
+        newcomers = list(jobs)
+        while groups or newcomers:
+            rows = [_Row(job, self.chat_model, self.device) for job in newcomers]
+            groups += [_Group(rows, pad_id, self.device)] if batched and rows else \
+                [_Group([row], pad_id, self.device) for row in rows]
+            self._count(active=sum(len(group.rows) for group in groups))
+            for group in groups:  # a newcomer's first step is its prefill
+                group.step(model, context)
             groups = [group for group in groups if group.rows]
-            self._count(active=active)
+            if batched and len(groups) > 1:
+                for group in groups[1:]:
+                    groups[0].join(group)
+                groups = groups[:1]
+            newcomers = self._joining(self.max_batch - sum(len(group.rows) for group in groups))
+            jobs += newcomers
+            if newcomers:  # joining the rows decoding now; or, if the last just finished, a batch of their own
+                self._count(**({"joined": len(newcomers)} if groups else {"batches": 1}))

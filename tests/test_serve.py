@@ -86,8 +86,7 @@ def stream_events(server, **fields) -> list:
 def alone(chat_model: ChatModel, messages: list, max_tokens: int) -> tuple[list[int], list[int]]:
     """The prompt ids and the greedy answer's ids (eos left out) that ``generate`` gives the prompt alone."""
     prompt = chat_model.encode_prompt(messages)
-    out = generate(chat_model.model, torch.tensor([prompt]), max_tokens, eos_id=EOS_ID)[0, len(prompt):].tolist()
-    return prompt, out[:out.index(EOS_ID)] if EOS_ID in out else out
+    return prompt, greedy_alone(chat_model, prompt, max_tokens)
 
 
 def wait_until(condition, timeout: float = 10.0) -> None:
@@ -181,6 +180,35 @@ def test_concurrent_requests_of_different_lengths_are_one_batch_with_the_answers
         if "temperature" not in options:
             expected = alone(chat_model, messages, options["max_tokens"])[1]
             assert answer["choices"][0]["message"]["content"] == chat_model.tokenizer.decode(expected)
+
+
+def test_a_request_arriving_mid_batch_joins_it_and_gets_the_answer_it_gets_alone(chat_model):
+    worker = BatchWorker(chat_model, window_s=0.0).start()
+    hook = slowed(chat_model.model, 0.01)
+    try:
+        first = chat_model.encode_prompt([{"role": "user", "content": "Tell me about rivers and the sea."}])
+        second = chat_model.encode_prompt(HELLO)  # shorter: the joined cache pads it in front
+        third = chat_model.encode_prompt([{"role": "user", "content": "A much longer message than any other one, "
+                                                                      "so that the running rows get padded."}])
+        jobs = [worker.submit(Job(first, 40))]
+        wait_until(lambda: jobs[0].completion_tokens >= 3)
+        jobs.append(worker.submit(Job(second, 25)))
+        wait_until(lambda: jobs[1].completion_tokens >= 2)
+        jobs.append(worker.submit(Job(third, 12)))
+        for job in jobs:
+            assert job.done.wait(20)
+    finally:
+        hook.remove()
+        worker.stop()
+    stats = worker.snapshot()
+    assert (stats["batches"], stats["joined"], stats["largest_batch"]) == (1, 2, 3)
+    for prompt, job in zip((first, second, third), jobs):
+        assert job.text == chat_model.tokenizer.decode(greedy_alone(chat_model, prompt, job.max_tokens))
+
+
+def greedy_alone(chat_model: ChatModel, prompt: list[int], max_tokens: int) -> list[int]:
+    out = generate(chat_model.model, torch.tensor([prompt]), max_tokens, eos_id=EOS_ID)[0, len(prompt):].tolist()
+    return out[:out.index(EOS_ID)] if EOS_ID in out else out
 
 
 def test_a_seeded_sampled_answer_repeats_and_other_seeds_differ(server):
