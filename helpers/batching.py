@@ -290,7 +290,7 @@ class BatchWorker:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """End the thread once the batch it is decoding is done; requests still waiting are failed."""
+        """End the thread after the step it is taking; requests decoding or waiting fail ("shutting down")."""
         with self._changed:
             self._stopping = True
             self._changed.notify()
@@ -381,6 +381,11 @@ class BatchWorker:
         groups: list[_Group] = []
         newcomers = list(jobs)
         while groups or newcomers:
+            if self._stopping:
+                for job in jobs:
+                    if not job.done.is_set():
+                        job._finish("error", "the server is shutting down")
+                return
             rows = [_Row(job, self.chat_model, self.device) for job in newcomers]
             groups += [_Group(rows, pad_id, self.device)] if batched and rows else \
                 [_Group([row], pad_id, self.device) for row in rows]

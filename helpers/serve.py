@@ -74,6 +74,8 @@ class ChatServer(ThreadingHTTPServer):
         self.created = int(time.time())
         self.page = PAGE.read_bytes()
         self._thread: threading.Thread | None = None
+        if ":" in address[0]:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
     @property
@@ -293,7 +295,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise APIError(413, f"the request body is {length:,} bytes; this server reads at most "
                                 f"{self.server.max_body_bytes:,}: send a shorter conversation",
                            code="request_too_large")
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except OSError as error:  # the client stopped sending (the timeout) or went away
+            raise _ClientGone from error
         self._body_read = True
         if len(body) < length:
             raise _ClientGone

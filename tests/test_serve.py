@@ -413,6 +413,35 @@ def test_an_api_key_is_required_once_set_and_another_address_needs_one(chat_mode
         keyed.close()
 
 
+def test_stopping_the_worker_ends_a_running_answer_and_fails_the_waiting(chat_model):
+    worker = BatchWorker(chat_model, max_batch=1, window_s=0.0).start()
+    hook = slowed(chat_model.model, 0.02)
+    try:
+        prompt = chat_model.encode_prompt(HELLO)
+        running, waiting = worker.submit(Job(prompt, 60)), worker.submit(Job(prompt, 60))
+        wait_until(lambda: running.completion_tokens >= 1)
+        start = time.monotonic()
+        worker.stop()
+        assert time.monotonic() - start < 5 and not worker.alive
+    finally:
+        hook.remove()
+    for job in (running, waiting):
+        assert job.done.is_set() and job.finish_reason == "error" and "shutting down" in job.error
+    assert running.completion_tokens < 60
+
+
+def test_the_server_listens_on_ipv6_loopback_too(chat_model):
+    try:
+        served = make_server(chat_model, host="::1", port=0, quiet=True).start()
+    except OSError as error:
+        pytest.skip(f"this machine has no IPv6 loopback ({error})")
+    try:
+        assert served.url.startswith("http://[::1]:")
+        assert request(served, "GET", "/health")[0] == 200
+    finally:
+        served.close()
+
+
 @pytest.mark.parametrize(("argv", "words"), [
     (["--model", "gpt2", "--host", "0.0.0.0"], "--api-key"),
     (["--model", "gpt2", "--port", "70000"], "--port"),
@@ -473,7 +502,7 @@ def test_load_chat_model_reads_a_checkpoint_of_either_architecture_and_refuses_n
 
 def test_a_model_without_an_attention_mask_answers_its_rows_side_by_side(chat_model):
     torch.manual_seed(0)
-    modern = ModernModelForTest()
+    modern = tiny_modern_model()
     served = dataclasses.replace(chat_model, model=modern)
     worker = BatchWorker(served, window_s=0.2).start()
     try:
@@ -489,7 +518,7 @@ def test_a_model_without_an_attention_mask_answers_its_rows_side_by_side(chat_mo
     assert worker.snapshot()["batches"] == 1
 
 
-def ModernModelForTest():  # noqa: N802 (reads as the class it builds)
+def tiny_modern_model() -> nn.Module:
     from helpers.modern import ModernConfig, ModernModel
 
     return ModernModel(ModernConfig(vocab_size=50257, context_length=CONTEXT, emb_dim=16, n_heads=2, n_kv_heads=1,
