@@ -3,8 +3,8 @@
 A chat server needs five things from a model, and nothing else: the network, its tokenizer, how a
 conversation becomes the prompt the model was trained on, the token ids that end an answer, and a name
 to report. ``ChatModel`` holds exactly those; ``helpers.serve`` takes one. ``load_chat_model`` builds
-one from what ``python -m helpers.chat`` loads: a GPT-2 name (``gpt2-medium``), a folder in GPT-2's
-Hugging Face layout (``save_hf_gpt2``), or a checkpoint folder of ``save_checkpoint`` of either
+one from what ``python -m helpers.chat`` loads (a GPT-2 name such as ``gpt2-medium``, a folder in GPT-2's
+Hugging Face layout written by ``save_hf_gpt2``) and from a ``save_checkpoint`` folder of either
 architecture (``GPTModel`` or Part 10's ``ModernModel``). All of them use GPT-2's tokenizer and the
 Alpaca-style prompt of Part 09's instruction finetuning (``alpaca_prompt``).
 
@@ -35,7 +35,6 @@ Message = dict[str, str]
 
 ROLES = ("system", "user", "assistant")
 """The roles a conversation's messages may have (a server maps OpenAI's ``developer`` to ``system``)."""
-
 
 
 class ChatModelError(ValueError):
