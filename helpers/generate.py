@@ -13,8 +13,8 @@ from helpers.model import KVCache, is_decoder
 from helpers.runtime import check_count
 from helpers.tokenizers import encode_with_endoftext
 
-__all__ = ["filter_logits", "generate", "generate_batch", "has_kv_cache", "next_token_logits", "sample_next_token",
-           "stream_generate", "text_to_token_ids", "token_ids_to_text"]
+__all__ = ["filter_logits", "generate", "generate_batch", "has_kv_cache", "left_pad", "next_token_logits",
+           "sample_next_token", "stream_generate", "text_to_token_ids", "token_ids_to_text"]
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
@@ -191,7 +191,7 @@ def _generate_padded(model: nn.Module, prompts: Sequence[Sequence[int]], max_new
                      eos_id: int | None, use_cache: bool, generator: torch.Generator | None) -> list[list[int]]:
     """``generate_batch``'s loop for a decoder (``GPTModel``, ``ModernModel``): left-pad, then one batched step per
     new token."""
-    idx, mask = _left_pad(prompts, pad_id, _model_device(model))  # (batch, width) each
+    idx, mask = left_pad(prompts, pad_id, _model_device(model))  # (batch, width) each
     width = idx.shape[1]
     rows = list(range(len(prompts)))  # the prompt each row of idx answers (rows leave as they finish)
     answers: list[list[int]] = [[] for _ in prompts]
@@ -220,7 +220,7 @@ def _generate_padded(model: nn.Module, prompts: Sequence[Sequence[int]], max_new
     return answers
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts as one ``(batch, longest)`` tensor, padded on the left, and its mask (True at real tokens)."""
     width = max(len(ids) for ids in prompts)
