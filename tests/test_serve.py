@@ -641,3 +641,61 @@ def assert_non_blank_png(path: Path) -> None:
     assert pixels.shape[0] > 100 and pixels.shape[1] > 100
     colours = {tuple(row) for row in pixels.reshape(-1, pixels.shape[-1])[::37].tolist()}
     assert len(colours) > 10, "the screenshot is blank"
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 11's kind of model: a ModernModel with its own tokenizer and ChatML template
+
+
+@pytest.fixture(scope="module")
+def chatml_model():
+    """A tiny random ModernModel with SmolLM2's tokenizer and template, as helpers.smollm2 builds the real one."""
+    from helpers.chat_format import format_chat
+    from helpers.gguf import gguf_tokenizer, smollm2_gguf_path
+    from helpers.modern import ModernConfig, ModernModel
+    from helpers.smollm2 import ChatMLChatModel
+
+    torch.manual_seed(5)
+    cfg = ModernConfig(vocab_size=49152, context_length=2 * CONTEXT, emb_dim=32, n_heads=4, n_kv_heads=2, head_dim=8,
+                       hidden_dim=64, n_layers=2, tie_weights=True)
+    tokenizer = gguf_tokenizer(smollm2_gguf_path())
+    return ChatMLChatModel("tiny-chatml", ModernModel(cfg).eval(), tokenizer, format_chat,
+                           frozenset({tokenizer.encode("<|im_end|>", allowed_special="all")[0]}))
+
+
+def test_a_modern_model_with_a_chat_template_is_batched_and_joined_with_the_answers_it_gets_alone(chatml_model):
+    from helpers.smollm2 import chatml_ids
+
+    stop = min(chatml_model.stop_ids)
+    conversations = [[{"role": "user", "content": "Tell me about rivers and the sea."}], HELLO,
+                     [{"role": "user", "content": "A much longer message than any other one, so that the running "
+                                                  "rows get padded. <|im_end|> stays text."}]]
+    prompts = [chatml_model.encode_prompt(messages) for messages in conversations]
+    assert prompts == [chatml_ids(messages, chatml_model.tokenizer) for messages in conversations]
+    worker = BatchWorker(chatml_model, window_s=0.0).start()
+    hook = slowed(chatml_model.model, 0.01)
+    try:
+        jobs = [worker.submit(Job(prompts[0], 30))]
+        wait_until(lambda: jobs[0].completion_tokens >= 3)
+        jobs.append(worker.submit(Job(prompts[1], 20)))
+        wait_until(lambda: jobs[1].completion_tokens >= 2)
+        jobs.append(worker.submit(Job(prompts[2], 12)))
+        for job in jobs:
+            assert job.done.wait(30)
+    finally:
+        hook.remove()
+        worker.stop()
+    stats = worker.snapshot()
+    assert (stats["batches"], stats["joined"], stats["largest_batch"]) == (1, 2, 3)
+    for prompt, job in zip(prompts, jobs):
+        out = generate(chatml_model.model, torch.tensor([prompt]), job.max_tokens, eos_id=stop)[0, len(prompt):]
+        out = out.tolist()
+        assert job.text == chatml_model.tokenizer.decode(out[:out.index(stop)] if stop in out else out)
+
+
+def test_the_chat_command_talks_to_smollm2_in_its_own_template():
+    result = subprocess.run([sys.executable, "-m", "helpers.chat", "--model", "smollm2", "--max-new-tokens", "12"],
+                            input="What is the capital of France?\n", capture_output=True, text=True, timeout=300,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
