@@ -37,10 +37,13 @@ def main() -> None:
     reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     tokenizer = gguf_tokenizer(path)
     prompts = [chatml_ids([{"role": "user", "content": q}], tokenizer) for q in QUESTIONS[: args.batch]]
-    prompt, n = torch.tensor([prompts[0]]), args.new_tokens
+    prompt = torch.tensor([chatml_ids([{"role": "user", "content": "Write a short story about a robot who learns "
+                                                                  "to paint."}], tokenizer)])
+    n = args.new_tokens
+    reference.generation_config.eos_token_id = None  # both decode n tokens, past any end of turn
 
     def theirs():
-        return reference.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2,
+        return reference.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=2,
                                   attention_mask=torch.ones_like(prompt))
 
     with torch.no_grad():
