@@ -150,7 +150,7 @@ def test_ctrl_c_while_the_model_loads_exits_130_with_one_line(monkeypatch, capsy
         raise KeyboardInterrupt
 
     monkeypatch.setattr(helpers.weights, "load_gpt2", interrupted)
-    assert main(["--model", "any"]) == 130
+    assert main(["--model", "gpt2"]) == 130
     assert capsys.readouterr().err.strip() == "helpers.chat: interrupted"
 
 
