@@ -134,9 +134,12 @@ MUTANTS = [
     Mutant("chat_format: no default system message",
            "helpers/chat_format.py", '        turns.insert(0, ("system", system_prompt))', "        pass",
            "tests/test_chat_format.py"),
-    Mutant("ModernModel: a padded row rotated at the batch's positions, not its own",
-           "helpers/modern.py", "        cos, sin = self.rope(positions)",
-           "        cos, sin = self.rope(torch.arange(start, start + n_tokens, device=in_idx.device))",
+    # (rotating a padded row at the batch's positions instead of its own is no bug: RoPE sees only the
+    # distance between a query and a key, the same for every row whatever its padding)
+    Mutant("ModernModel: the padding mask not passed to the blocks",
+           "helpers/modern.py",
+           "            x = block(x, cos, sin, kv_cache.layers[index] if kv_cache is not None else None, attn_mask)",
+           "            x = block(x, cos, sin, kv_cache.layers[index] if kv_cache is not None else None)",
            "tests/test_decoders.py"),
     Mutant("generate_responses: the end id GPT-2's whatever the prompt format",
            "helpers/instruct.py", "        eos_id = prompt_format.end_id(tokenizer)", "        eos_id = 50256",
