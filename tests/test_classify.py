@@ -487,7 +487,7 @@ def test_the_baselines_reproduce_part09s_committed_numbers_on_its_split(splits):
     # when the promoted baselines are fitted on the training rows
     accuracies = baseline_accuracies(train, test)
 
-    # then: majority 49.67% (149 of 300), length 82.33% (247), naive Bayes 95.67% (287) and 95.08% of the unseen (251 of 264)
+    # then: majority 49.67% (149 of 300), length 82.33% (247), naive Bayes 95.67% (287), unseen 95.08% (251 of 264)
     assert int(train["Label"].mode()[0]) == 0 and fit_length_threshold(train) == 31
     assert round(accuracies["majority class"]["test"] * len(test)) == 149
     assert round(accuracies["length threshold"]["test"] * len(test)) == 247
