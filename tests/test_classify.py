@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 
 from helpers.classify import (
     SpamDataset,
+    bag_of_words,
+    baseline_accuracies,
     calc_accuracy_loader,
     calc_loss_loader,
     class_logits,
@@ -19,8 +21,12 @@ from helpers.classify import (
     classify_text,
     collate_classification,
     count_trainable_parameters,
+    fit_length_threshold,
+    fit_naive_bayes,
     last_real_positions,
     load_spam_splits,
+    predict_length_threshold,
+    predict_naive_bayes,
     prepare_for_classification,
     read_spam_collection,
     seen_in_training,
@@ -468,3 +474,49 @@ def test_calc_loss_batch_reads_each_row_at_its_last_token_before_the_callers_pad
     # when / then the loss is the cross-entropy at the last real tokens
     loss = calc_loss_batch(inputs, labels, model, "cpu", pad_token_id=pad)
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the baselines without a language model
+
+
+def test_the_baselines_reproduce_part09s_committed_numbers_on_its_split(splits):
+    # given Part 09's split (seed 123) and the numbers its committed outputs print
+    train, _, test = splits
+
+    # when the promoted baselines are fitted on the training rows
+    accuracies = baseline_accuracies(train, test)
+
+    # then: majority 49.67% (149 of 300), length 82.33% (247), naive Bayes 95.67% (287), unseen 95.08% (251 of 264)
+    assert int(train["Label"].mode()[0]) == 0 and fit_length_threshold(train) == 31
+    assert round(accuracies["majority class"]["test"] * len(test)) == 149
+    assert round(accuracies["length threshold"]["test"] * len(test)) == 247
+    assert round(accuracies["naive Bayes over words"]["test"] * len(test)) == 287
+    assert round(accuracies["naive Bayes over words"]["unseen texts"] * 264) == 251
+    assert f"{accuracies['majority class']['unseen texts']:.2%}" == "55.30%"
+    assert f"{accuracies['length threshold']['unseen texts']:.2%}" == "80.68%"
+
+
+def test_naive_bayes_weighs_the_words_of_each_class_and_survives_unseen_words():
+    # given four messages, two of each class
+    train = pd.DataFrame({"Text": ["win a prize now", "claim your prize", "see you at lunch", "lunch at noon?"],
+                          "Label": [1, 1, 0, 0]})
+
+    model = fit_naive_bayes(train)
+
+    # then a prize message is spam, a lunch message is not, and a message of unseen words takes the prior
+    assert predict_naive_bayes(model, ["prize prize", "lunch with you", "zebra"]).tolist() == [1, 0, 0]
+    assert model[1]["word"]["prize"] > model[0]["word"]["prize"]
+    assert bag_of_words("Call 09061 NOW!") == ["call", "09061", "now"]
+
+
+def test_the_length_threshold_counts_tokens_of_the_tokenizer_it_is_given(gpt2_tok):
+    # given short ham and long spam
+    train = pd.DataFrame({"Text": ["ok", "see you", "WIN a brand new car today, call 0800 now to claim it"],
+                          "Label": [0, 0, 1]})
+
+    threshold = fit_length_threshold(train, gpt2_tok)
+
+    assert threshold == len(gpt2_tok.encode("see you"))
+    assert predict_length_threshold(threshold, ["hi", "a much longer message than the threshold allows"],
+                                    gpt2_tok).tolist() == [0, 1]

@@ -220,7 +220,7 @@ def test_a_reason_is_one_line_even_for_an_error_nobody_foresaw():
 
 
 TRAINS = {"part08_pretrained_weights", "part09_finetuning_classification", "part09_finetuning_instructions",
-          "part09_finetuning_preferences", "part10_modern_llm"}
+          "part09_finetuning_preferences", "part10_modern_llm", "part11_finetuning_a_real_model"}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("part*.ipynb")), ids=lambda path: path.stem)
