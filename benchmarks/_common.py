@@ -49,3 +49,13 @@ def print_report(description: str, columns: list[str], rows: list[list[str]]) ->
     print("| " + " | ".join("---" for _ in columns) + " |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def random_gpt2(width: int, layers: int, device: str, context_length: int = 512):
+    """A GPT-2-shaped model with random weights (GPT-2's init), tied head, in eval mode: what the benchmarks time."""
+    from helpers.model import GPTConfig, GPTModel, init_gpt2_weights
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(context_length=context_length, emb_dim=width, n_heads=max(1, width // 64), n_layers=layers,
+                    drop_rate=0.0, qkv_bias=True, tie_weights=True)
+    return init_gpt2_weights(GPTModel(cfg)).to(device).eval()

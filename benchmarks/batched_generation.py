@@ -28,11 +28,11 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
-from _common import print_report
+from _common import print_report, random_gpt2
 
 from helpers.generate import generate_batch
 from helpers.instruct import RESPONSE_HEADER, format_input, generate_responses, load_instruction_splits
-from helpers.model import GPTConfig, GPTModel, count_parameters, init_gpt2_weights
+from helpers.model import GPTConfig, GPTModel, count_parameters
 from helpers.runtime import eval_mode
 from helpers.tokenizers import gpt2_tokenizer
 
@@ -43,10 +43,8 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = GPTConfig(context_length=512, emb_dim=args.width, n_heads=max(1, args.width // 64), n_layers=args.layers,
-                    drop_rate=0.0, qkv_bias=True, tie_weights=True)
-    model = init_gpt2_weights(GPTModel(cfg)).to(args.device).eval()
+    model = random_gpt2(args.width, args.layers, args.device)
+    cfg = model.cfg
     tokenizer = gpt2_tokenizer()
     entries = load_instruction_splits()[1][: args.entries]
     prompts = [tokenizer.encode(format_input(entry) + RESPONSE_HEADER) for entry in entries]

@@ -28,10 +28,10 @@ import threading
 import time
 
 import torch
-from _common import print_report
+from _common import print_report, random_gpt2
 
 from helpers.chat_models import ChatModel, alpaca_prompt
-from helpers.model import GPTConfig, GPTModel, count_parameters, init_gpt2_weights
+from helpers.model import count_parameters
 from helpers.serve import ChatServer, make_server
 from helpers.tokenizers import gpt2_tokenizer
 
@@ -52,10 +52,8 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = GPTConfig(context_length=512, emb_dim=args.width, n_heads=max(1, args.width // 64), n_layers=args.layers,
-                    drop_rate=0.0, qkv_bias=True, tie_weights=True)
-    model = init_gpt2_weights(GPTModel(cfg)).to(args.device).eval()
+    model = random_gpt2(args.width, args.layers, args.device)
+    cfg = model.cfg
     tokenizer = gpt2_tokenizer()
     chat_model = ChatModel("bench", model, tokenizer, alpaca_prompt, frozenset({tokenizer.eot_token}))
     bodies = [{"messages": [{"role": "user", "content": MESSAGES[index % len(MESSAGES)]}],

